@@ -1,0 +1,108 @@
+"""Adapter configurations: flat dataclasses, documented once, validated on construction.
+
+Each field's `help` metadata is the one place it is documented; the CLI builds its flags from it
+(`lorakit.cli.args.add_config_args`). Configs describe *what* to build, never a model.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Union
+
+Targets = Union[str, list]
+
+
+def _doc(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adaptation: h = W0 x + s * B A dropout(x) (Hu et al., 2021, arXiv:2106.09685)."""
+
+    r: int = field(default=16, metadata=_doc("rank of the update B A"))
+    alpha: float = field(default=32, metadata=_doc("scaling numerator: s = alpha/r (alpha/sqrt(r) with rsLoRA)"))
+    dropout: float = field(default=0.0, metadata=_doc("dropout on the adapter's input x, in [0, 1)"))
+    targets: Targets = field(
+        default="all-linear",
+        metadata=_doc("preset (qv, attention, mlp, all-linear), a list of names/.suffixes, or a full-match regex"),
+    )
+    exclude: Targets = field(default=None, metadata=_doc("modules never adapted; same rules as targets"))
+    use_rslora: bool = field(default=False, metadata=_doc("rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski, 2023)"))
+    init: str = field(
+        default="default",
+        metadata=_doc("A init: 'default' Kaiming-uniform, 'gaussian' N(0, (1/r)^2); B is always zero"),
+    )
+    bias: str = field(default="none", metadata=_doc("only 'none' is supported: biases stay frozen"))
+    modules_to_save: list = field(default=None, metadata=_doc("modules trained in full beside the adapter (e.g. a classifier head)"))
+    rank_pattern: dict = field(default_factory=dict, metadata=_doc("per-module rank overrides {regex: r}, PEFT semantics"))
+    alpha_pattern: dict = field(default_factory=dict, metadata=_doc("per-module alpha overrides {regex: alpha}"))
+
+    def __post_init__(self):
+        _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", self.r, "an integer >= 1")
+        _check(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number")
+        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        _check(self.init in ("default", "gaussian"), "init", self.init, "'default' or 'gaussian'")
+        _check(self.bias == "none", "bias", self.bias, "'none' (training biases is not supported)")
+        self.targets = _check_targets("targets", self.targets, allow_none=False)
+        self.exclude = _check_targets("exclude", self.exclude, allow_none=True)
+        if self.modules_to_save is not None:
+            _check(isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) and m for m in self.modules_to_save),
+                   "modules_to_save", self.modules_to_save, "a list of module names")
+            self.modules_to_save = list(self.modules_to_save)
+        for name, pattern, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, (int, float))):
+            _check(isinstance(pattern, dict), name, pattern, "a dict {regex: value}")
+            for key, value in pattern.items():
+                _check(isinstance(value, kind) and value > 0, f"{name}[{key!r}]", value, "a positive number")
+                _compile(f"{name}[{key!r}]", key)
+
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def scale_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    # PEFT's rule: the first key that matches a whole dotted suffix of the module name wins.
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _check(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"LoraConfig.{name} = {value!r}: expected {expected}")
+
+
+def _compile(name: str, pattern: str):
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"LoraConfig.{name}: {pattern!r} is not a valid regex ({e})") from None
+
+
+def _check_targets(name: str, value, allow_none: bool):
+    if value is None:
+        _check(allow_none, name, value, "a preset, a list of module names, or a regex")
+        return None
+    if isinstance(value, str):
+        _check(bool(value), name, value, "a non-empty string")
+        _compile(name, value)
+        return value
+    _check(isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) and v for v in value),
+           name, value, "a non-empty list of module names")
+    return list(value)

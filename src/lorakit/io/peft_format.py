@@ -1,0 +1,257 @@
+"""Adapter folders in the Hugging Face PEFT format: adapter_config.json + adapter_model.safetensors.
+
+Tensor keys are `base_model.model.<module path>.lora_A.weight` (r, d_in) and `.lora_B.weight`
+(d_out, r), adapter name stripped; modules_to_save copies are stored under their own path.
+Reading is tolerant of what we can honour and strict about what we cannot: an unsupported
+feature, a missing or unexpected tensor, a shape mismatch or a corrupt file raises before the
+model is touched. Only safetensors are ever read (never pickles).
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..config import LoraConfig
+from ..inject import _saved_wrappers, adapter_layers, configs, inject
+from ..methods.base import linear_shape
+from ..targets import TargetError, portable_targets, resolve, resolve_modules_to_save
+from .atomic import atomic_path, write_text
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# Keys we read and honour, keys that carry no meaning for the weights, and friendlier words for
+# features we refuse. Any other key with a non-empty value is refused by name.
+_HONOURED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
+             "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
+_INFORMATIONAL = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
+                  "megatron_core", "qalora_group_size", "layers_pattern"}
+_REFUSED = {
+    "use_dora": "DoRA (use_dora) adapters",
+    "lora_bias": "LoRA bias terms (lora_bias)",
+    "layers_to_transform": "adapters restricted to some layers (layers_to_transform)",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "trainable_token_indices": "trainable token indices",
+    "use_qalora": "QA-LoRA",
+    "megatron_config": "Megatron-parallel layers",
+}
+_PORTABLE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # these only change initial values
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+
+
+class AdapterFormatError(ValueError):
+    """An adapter folder that lorakit cannot load faithfully."""
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+def task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def peft_config_dict(model: nn.Module, name: str) -> dict:
+    cfg = configs(model)[name]
+    targets = model.__dict__["lorakit_targets"][name]
+    layers = [layer for _, layer in adapter_layers(model) if name in layer.adapters]
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type(model),
+        "base_model_name_or_path": base_model_name(model),
+        "r": cfg.r,
+        "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": portable_targets(model, targets),
+        "exclude_modules": None,
+        "use_rslora": cfg.use_rslora,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
+        "bias": cfg.bias,
+        "init_lora_weights": True if cfg.init == "default" else cfg.init,
+        "modules_to_save": cfg.modules_to_save,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for lname, layer in adapter_layers(model):
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            out[f"{PREFIX}{lname}.lora_A.weight"] = adapter.A
+            out[f"{PREFIX}{lname}.lora_B.weight"] = adapter.B
+    for wname, wrapper in _saved_wrappers(model):
+        if name in wrapper.copies:
+            for key, value in wrapper.copies[name].state_dict().items():
+                out[f"{PREFIX}{wname}.{key}"] = value
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
+    """Write adapter `name` as a PEFT folder. Each file is replaced atomically (weights first)."""
+    if name not in configs(model):
+        raise KeyError(f"no adapter named {name!r} (this model has {list(configs(model))})")
+    directory = Path(directory)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(adapter_state_dict(model, name), str(tmp), metadata={"format": "pt"})
+    write_text(directory / CONFIG_NAME, json.dumps(peft_config_dict(model, name), indent=2) + "\n")
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+def read_config(directory: str | Path) -> tuple[dict, Path]:
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter folder {directory} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw, path
+
+
+def config_from_peft(raw: dict, source: str | Path = CONFIG_NAME) -> LoraConfig:
+    """Translate a PEFT LoRA config dict into a LoraConfig, refusing what we cannot honour."""
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterFormatError(f"{source}: unsupported peft_type {peft_type!r} (lorakit reads LORA adapters)")
+    for key, value in raw.items():
+        if key in _HONOURED or key in _INFORMATIONAL or not value:
+            continue
+        what = _REFUSED.get(key, f"the PEFT option {key!r}")
+        raise AdapterFormatError(f"{source}: {key} = {value!r} is not supported: lorakit cannot load {what}")
+    init = raw.get("init_lora_weights", True)
+    if init not in _PORTABLE_INITS:
+        raise AdapterFormatError(f"{source}: init_lora_weights = {init!r} is not supported: such adapters expect a "
+                                 "base model whose weights were changed at initialisation")
+    if raw.get("bias", "none") != "none":
+        raise AdapterFormatError(f"{source}: bias = {raw['bias']!r} is not supported (lorakit trains no biases)")
+    if not raw.get("target_modules"):
+        raise AdapterFormatError(f"{source}: target_modules is missing or empty")
+    for key in ("r", "lora_alpha"):
+        if key not in raw:
+            raise AdapterFormatError(f"{source}: required key {key!r} is missing")
+    try:
+        return LoraConfig(
+            r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0) or 0.0,
+            targets=raw["target_modules"], exclude=raw.get("exclude_modules") or None,
+            use_rslora=bool(raw.get("use_rslora", False)), init="gaussian" if init == "gaussian" else "default",
+            modules_to_save=raw.get("modules_to_save") or None,
+            rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {})
+    except ValueError as e:
+        raise AdapterFormatError(f"{source}: {e}") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        pickled = [p.name for p in path.parent.glob("*.bin")] + [p.name for p in path.parent.glob("*.pt")]
+        hint = f" (found {pickled}: lorakit reads only safetensors, never pickles)" if pickled else ""
+        raise FileNotFoundError(f"{path} is missing{hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for truncated or garbled files
+        raise AdapterFormatError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def _listing(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> nn.Module:
+    """Load a PEFT-format LoRA folder (written by lorakit or by peft) into `model` as adapter `name`."""
+    raw, config_path = read_config(directory)
+    cfg = config_from_peft(raw, config_path)
+    weights_path = Path(directory) / WEIGHTS_NAME
+    tensors = read_tensors(weights_path)
+    if name in configs(model):
+        raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
+
+    theirs, ours = raw.get("base_model_name_or_path"), base_model_name(model)
+    if theirs and ours and Path(str(theirs)).name != Path(str(ours)).name:
+        warnings.warn(f"{config_path} was trained on base model {theirs!r}, but it is being loaded into {ours!r}",
+                      stacklevel=2)
+    try:
+        targets = resolve(model, cfg.targets, cfg.exclude, what=f"{config_path}: target_modules")
+        saved = resolve_modules_to_save(model, cfg.modules_to_save or [])
+    except TargetError as e:
+        raise AdapterFormatError(str(e)) from None
+
+    expected: dict[str, tuple] = {}
+    for t in targets:
+        layer = model.get_submodule(t)
+        layer = getattr(layer, "base_layer", layer)
+        d_in, d_out = linear_shape(layer)
+        r = cfg.rank_for(t)
+        expected[f"{t}.lora_A"] = (r, d_in)
+        expected[f"{t}.lora_B"] = (d_out, r)
+        if isinstance(layer, nn.Linear) and raw.get("fan_in_fan_out"):
+            warnings.warn(f"{config_path}: fan_in_fan_out is true but {t} is an nn.Linear; using the layer's own layout",
+                          stacklevel=2)
+    for s in saved:
+        module = model.get_submodule(s)
+        module = getattr(module, "original", module)
+        for key, value in module.state_dict().items():
+            expected[f"{s}.{key}"] = tuple(value.shape)
+
+    found: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if ".lora_embedding_" in short or ".lora_magnitude_vector" in short:
+            raise AdapterFormatError(f"{weights_path}: tensor {key} belongs to a feature lorakit does not support "
+                                     "(LoRA on embeddings or DoRA)")
+        m = _LORA_KEY.match(short)
+        found[f"{m['module']}.lora_{m['ab']}" if m else short] = value
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    if missing or unexpected:
+        parts = ([f"missing tensors for {_listing(missing)}"] if missing else []) + \
+                ([f"unexpected tensors {_listing(unexpected)}"] if unexpected else [])
+        raise AdapterFormatError(f"{weights_path} does not match {config_path} on this model: " + "; ".join(parts))
+    wrong = [f"{k}: expected {expected[k]}, found {tuple(found[k].shape)}" for k in expected
+             if tuple(found[k].shape) != expected[k]]
+    if wrong:
+        raise AdapterFormatError(f"{weights_path}: shape mismatch for {len(wrong)} tensors: " + "; ".join(wrong[:8]))
+
+    inject(model, cfg, name)
+    with torch.no_grad():
+        for t in targets:
+            adapter = model.get_submodule(t).adapters[name]
+            adapter.A.copy_(found[f"{t}.lora_A"])
+            adapter.B.copy_(found[f"{t}.lora_B"])
+        for s in saved:
+            copy = model.get_submodule(s).copies[name]
+            for key, value in copy.state_dict().items():
+                value.copy_(found[f"{s}.{key}"])
+    return model

@@ -1,0 +1,99 @@
+"""The weight-adapter interface: a base layer wrapped with named adapters.
+
+`AdapterLayer` owns the bookkeeping every weight adapter shares (which adapters exist, which are
+active, which are merged into the base weight); a `WeightAdapter` owns only its own math.
+Input adapters (prompt, prefix) do not wrap layers and do not live here.
+
+The base layer may be `nn.Linear` (weight `(d_out, d_in)`) or GPT-2's `Conv1D` (weight stored
+transposed, `(d_in, d_out)`: PEFT calls this `fan_in_fan_out`). Adapters always see and return
+the `(d_out, d_in)` layout; `AdapterLayer` hides the difference.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear or Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        return layer.nx, layer.nf
+    raise TypeError(f"{type(layer).__name__} is not a linear layer (nn.Linear or Conv1D)")
+
+
+class WeightAdapter(nn.Module):
+    """One named adapter on one base layer. Subclasses define the math, nothing else."""
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer: "AdapterLayer") -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """The update to the `(d_out, d_in)` base weight; the one source for forward, merge, unmerge."""
+        raise NotImplementedError
+
+    def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight(weight).to(weight.dtype)
+
+    def unmerge_from(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight(weight).to(weight.dtype)
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base layer plus named weight adapters: out = base(x), then each active unmerged adapter."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.d_in, self.d_out = linear_shape(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self.active:
+            if name in self.adapters and name not in self.merged:
+                out = self.adapters[name](x, out, self)
+        return out
+
+    # -- the base weight in (d_out, d_in) layout ------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _write_base_weight(self, w_out_in: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        w.data.copy_(w_out_in.T if self.fan_in_fan_out else w_out_in)
+
+    # -- merge ------------------------------------------------------------------------------
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The base weight with `names` merged in, computed without touching the layer."""
+        with torch.no_grad():
+            w = self.base_weight().detach().float()
+            for name in names:
+                w = self.adapters[name].merge_into(w)
+        return w
+
+    def merge(self, names: list[str]) -> None:
+        todo = [n for n in names if n not in self.merged]
+        if todo:
+            with torch.no_grad():
+                self._write_base_weight(self.merged_weight(todo))
+            self.merged.extend(todo)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            w = self.base_weight().detach().float()
+            for name in reversed(self.merged):
+                w = self.adapters[name].unmerge_from(w)
+            self._write_base_weight(w)
+        self.merged.clear()
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, active={self.active}, merged={self.merged}"

