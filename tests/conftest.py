@@ -18,3 +18,15 @@ def family(request):
 @pytest.fixture
 def tiny(family):
     return tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def embedded_folder(tmp_path_factory):
+    """Convert the embedded GGUF once, into a private cache, so CI exercises the conversion itself."""
+    from lorakit import models
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORAKIT_CACHE", str(tmp_path_factory.mktemp("lorakit-cache")))
+    try:
+        yield models.resolve_folder(models.EMBEDDED)
+    finally:
+        mp.undo()

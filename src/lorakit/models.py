@@ -121,7 +121,14 @@ def model_class(config) -> type:
 
 
 def load_base(name_or_path: str | os.PathLike = EMBEDDED, dtype="float32"):
-    """Load a frozen-to-be base model and its tokenizer: `(model, tokenizer)`; tokenizer may be None."""
+    """Load a frozen-to-be base model and its tokenizer: `(model, tokenizer)`; tokenizer may be None.
+
+    `name_or_path`: "smollm2-135m-instruct" (embedded), a .gguf file, a transformers folder, or
+    "tiny-<family>" for a small random model (no tokenizer).
+    """
+    ref = str(name_or_path)
+    if ref.startswith("tiny-") and ref[5:] in TINY_FAMILIES:
+        return tiny_model(ref[5:]).to(_dtype(dtype)), None
     folder = resolve_folder(name_or_path)
     config = transformers.AutoConfig.from_pretrained(folder)
     model = model_class(config).from_pretrained(folder, dtype=_dtype(dtype))

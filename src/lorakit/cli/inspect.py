@@ -1,0 +1,81 @@
+"""Show a model's architecture, its linear modules, what each preset adapts, and the trainable report.
+
+Examples: `lorakit inspect smollm2-135m-instruct --targets qv --r 8`, `lorakit inspect ./my-model --json`.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from ..config import LoraConfig
+from ..inject import inject, trainable_report
+from ..methods.base import linear_shape
+from ..models import load_base
+from ..targets import family, kind, linear_names, preset_matches
+from .args import add_config_args, config_from_args
+
+
+def register(p):
+    p.add_argument("model", help="smollm2-135m-instruct, a .gguf file, a transformers folder, or tiny-{llama,qwen2,gpt2,bert}")
+    add_config_args(p, LoraConfig, only=["r", "alpha", "targets", "exclude", "use_rslora"])
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def inspect_model(model, config: LoraConfig) -> dict:
+    names = linear_names(model)
+    shapes: dict[str, dict] = {}
+    for n in names:
+        d_in, d_out = linear_shape(model.get_submodule(n))
+        row = shapes.setdefault(kind(n), {"count": 0, "d_in": d_in, "d_out": d_out})
+        row["count"] += 1
+    presets = {p: dict(Counter(kind(n) for n in chosen)) for p, chosen in preset_matches(model).items()}
+    inject(model, config)
+    c = model.config
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(c, "model_type", None),
+        "family": family(model),
+        "layers": getattr(c, "num_hidden_layers", None),
+        "hidden_size": getattr(c, "hidden_size", None),
+        "linear_modules": shapes,
+        "presets": presets,
+        "config": {"r": config.r, "alpha": config.alpha, "targets": config.targets, "use_rslora": config.use_rslora},
+        "report": trainable_report(model).to_dict(),
+    }
+
+
+def run(args) -> int:
+    model, _ = load_base(args.model)
+    info = inspect_model(model, config_from_args(LoraConfig, args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    console = Console()
+    console.print(f"[bold]{info['architecture']}[/] ({info['model_type']}, family {info['family'] or 'unknown'}): "
+                  f"{info['layers']} layers, hidden {info['hidden_size']}")
+    t = Table(title="Linear modules by kind")
+    for col in ("kind", "count", "d_in", "d_out"):
+        t.add_column(col, justify="left" if col == "kind" else "right")
+    for k, row in info["linear_modules"].items():
+        t.add_row(k, str(row["count"]), str(row["d_in"]), str(row["d_out"]))
+    console.print(t)
+    t = Table(title="What each preset adapts")
+    t.add_column("preset")
+    t.add_column("modules", justify="right")
+    t.add_column("kinds")
+    for p, kinds in info["presets"].items():
+        t.add_row(p, str(sum(kinds.values())), ", ".join(kinds) or "(matches nothing)")
+    console.print(t)
+    r = info["report"]
+    t = Table(title=f"Trainable parameters: r={args.r or LoraConfig.r}, targets={info['config']['targets']}")
+    for col in ("kind", "modules", "params"):
+        t.add_column(col, justify="left" if col == "kind" else "right")
+    for k, row in r["by_kind"].items():
+        t.add_row(k, str(row["modules"]), f"{row['params']:,}")
+    t.add_row("[bold]total trainable[/]", str(r["matched_modules"]), f"[bold]{r['trainable']:,}[/]")
+    console.print(t)
+    console.print(f"trainable {r['trainable']:,} of {r['total']:,} parameters = {r['percent']:.3f}%")
+    return 0
