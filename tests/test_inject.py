@@ -92,3 +92,12 @@ def test_modules_to_save_trains_a_copy_of_the_head():
 def test_targets_and_modules_to_save_must_not_overlap():
     with pytest.raises(ValueError, match="both LoRA targets and modules_to_save"):
         lk.inject(lk.tiny_model("llama"), lk.LoraConfig(targets=["q_proj"], modules_to_save=["layers.0.self_attn"]))
+
+
+def test_wrapping_checks_shapes_and_names_the_module():
+    model = lk.tiny_model("llama")
+    model.model.layers[1].self_attn.v_proj.weight = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj: weight shape \(3, 3\).*expected \(16, 32\)"):
+        lk.inject(model, lk.LoraConfig(r=2, targets="qv"))
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())

@@ -61,12 +61,15 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     if overlap:
         raise ValueError(f"modules {overlap} are both LoRA targets and modules_to_save; choose one")
 
-    if not configs(model):
-        model.requires_grad_(False)                                  # the base is frozen, once
+    layers = {}  # wrap everything first: a shape error must leave the model untouched
     for module_name in targets:
         layer = model.get_submodule(module_name)
-        if not isinstance(layer, AdapterLayer):
-            layer = AdapterLayer(layer)
+        layers[module_name] = layer if isinstance(layer, AdapterLayer) else AdapterLayer(layer, module_name)
+
+    if not configs(model):
+        model.requires_grad_(False)                                  # the base is frozen, once
+    for module_name, layer in layers.items():
+        if layer is not model.get_submodule(module_name):
             _replace(model, module_name, layer)
         weight = layer.base_layer.weight
         layer.adapters[name] = LoraAdapter(

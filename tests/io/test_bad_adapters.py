@@ -89,5 +89,6 @@ def test_different_base_model_warns_with_both_names(folder):
 
 def test_wrong_architecture_is_refused(folder):
     model = lk.tiny_model("gpt2")
-    with pytest.raises(lk.AdapterFormatError, match="matched no linear module"):
+    with pytest.raises(lk.AdapterFormatError, match="matched no linear module"), \
+            pytest.warns(UserWarning, match="trained on base model 'tiny-llama'"):
         lk.load_adapter(model, folder)

@@ -46,11 +46,16 @@ class WeightAdapter(nn.Module):
 class AdapterLayer(nn.Module):
     """A frozen base layer plus named weight adapters: out = base(x), then each active unmerged adapter."""
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, name: str = ""):
         super().__init__()
         self.base_layer = base_layer
         self.d_in, self.d_out = linear_shape(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        expected = (self.d_in, self.d_out) if self.fan_in_fan_out else (self.d_out, self.d_in)
+        found = tuple(base_layer.weight.shape)
+        if found != expected:
+            raise ValueError(f"{name or type(base_layer).__name__}: weight shape {found} does not match its "
+                             f"declared features (d_in={self.d_in}, d_out={self.d_out}): expected {expected}")
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
