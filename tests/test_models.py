@@ -18,7 +18,7 @@ def test_tiny_families_build_the_expected_classes():
                 "bert": "BertForSequenceClassification"}
     for fam, cls in expected.items():
         model, tokenizer = lk.load_base(f"tiny-{fam}")
-        assert type(model).__name__ == cls and tokenizer is None
+        assert type(model).__name__ == cls and len(tokenizer) <= model.config.vocab_size
         assert torch.equal(next(model.parameters()), next(models.tiny_model(fam).parameters()))  # seeded
 
 

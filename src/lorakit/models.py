@@ -124,11 +124,11 @@ def load_base(name_or_path: str | os.PathLike = EMBEDDED, dtype="float32"):
     """Load a frozen-to-be base model and its tokenizer: `(model, tokenizer)`; tokenizer may be None.
 
     `name_or_path`: "smollm2-135m-instruct" (embedded), a .gguf file, a transformers folder, or
-    "tiny-<family>" for a small random model (no tokenizer).
+    "tiny-<family>" for a small random model with the byte-level tiny tokenizer.
     """
     ref = str(name_or_path)
     if ref.startswith("tiny-") and ref[5:] in TINY_FAMILIES:
-        return tiny_model(ref[5:]).to(_dtype(dtype)), None
+        return tiny_model(ref[5:]).to(_dtype(dtype)), tiny_tokenizer()
     folder = resolve_folder(name_or_path)
     config = transformers.AutoConfig.from_pretrained(folder)
     model = model_class(config).from_pretrained(folder, dtype=_dtype(dtype))
@@ -145,8 +145,11 @@ def load_base(name_or_path: str | os.PathLike = EMBEDDED, dtype="float32"):
 TINY_FAMILIES = ("llama", "qwen2", "gpt2", "bert")
 
 
+TINY_VOCAB = 288   # 256 byte tokens + the tiny tokenizer's specials, rounded up
+
+
 def tiny_config(family: str):
-    common = dict(vocab_size=128)
+    common = dict(vocab_size=TINY_VOCAB)
     if family == "llama":
         return transformers.LlamaConfig(**common, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -173,3 +176,27 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
     model = cls(config)
     model.config._name_or_path = f"tiny-{family}"
     return model.eval()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (every byte is a token, no merges) with a ChatML template.
+
+    It can encode any text, fits the tiny models' vocabulary, and builds in milliseconds, so the
+    trainer's tests run end to end without the real model.
+    """
+    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(tk_models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok.add_special_tokens(specials)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", bos_token="<|endoftext|>",
+        chat_template=CHATML)

@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from . import demo, inspect, merge
+from . import demo, inspect, merge, train
 
-COMMANDS = {"inspect": inspect, "merge": merge, "demo": demo}
+COMMANDS = {"train": train, "inspect": inspect, "merge": merge, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return COMMANDS[args.command].run(args) or 0
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2

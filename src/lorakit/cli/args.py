@@ -19,7 +19,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, only: list[str] | None
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, {}) else "")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name in ("targets", "exclude", "modules_to_save"):
             parser.add_argument(flag, type=_parse_targets, default=None, help=help_text)
         elif f.type in ("dict", dict):
@@ -29,11 +29,15 @@ def add_config_args(parser: argparse.ArgumentParser, cls, only: list[str] | None
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
-def config_from_args(cls, args: argparse.Namespace, **overrides):
+def config_values(cls, args: argparse.Namespace) -> dict:
+    """The flags the user set for `cls`'s fields (unset flags are left to the dataclass defaults)."""
     values = {}
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = [value] if f.name == "modules_to_save" and isinstance(value, str) else value
-    values.update(overrides)
-    return cls(**values)
+    return values
+
+
+def config_from_args(cls, args: argparse.Namespace, **overrides):
+    return cls(**{**config_values(cls, args), **overrides})

@@ -1,0 +1,27 @@
+"""Train an adapter on a JSONL file (supervised fine-tuning); flags are TrainConfig's and LoraConfig's.
+
+Example: `lorakit train --model smollm2-135m-instruct --data train.jsonl --eval-data heldout.jsonl
+--out runs/x --r 16 --alpha 32 --targets all-linear --steps 100`. Data parallel:
+`torchrun --nproc_per_node=2 -m lorakit train ...`. Resume: the same command plus `--resume runs/x`.
+"""
+from __future__ import annotations
+
+import json
+
+from ..config import LoraConfig
+from ..training.run import train
+from ..training.trainer import TrainConfig
+from .args import add_config_args, config_values
+
+
+def register(p):
+    add_config_args(p, TrainConfig)
+    add_config_args(p, LoraConfig)
+
+
+def run(args) -> int:
+    values = {**config_values(TrainConfig, args), **config_values(LoraConfig, args)}
+    summary = train(**values)
+    keys = ("adapter", "steps", "final_loss", "eval_loss", "seconds", "tokens_per_s", "trainable_params")
+    print(json.dumps({k: summary[k] for k in keys} | {"peak_memory_mb": summary["peak_memory"]["peak_above_baseline_bytes"] / 2**20}, indent=2))
+    return 0

@@ -1,0 +1,53 @@
+"""Data parallelism through torchrun: one process per rank, gradients summed across ranks.
+
+Each optimizer step sees one global batch; rank r takes rows r, r + world, ... of it. The loss is
+normalised by the global number of loss tokens, so summing gradients over ranks gives exactly the
+single-process gradient. Adapter gradients are small, so one all-reduce of a flat buffer per step
+is all the communication there is. Every rank holds the whole adapter; rank 0 writes files.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> tuple[int, int]:
+    """(rank, world_size); starts a gloo (CPU) or nccl (CUDA) group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset: offset + n].view_as(p).clone()
+        offset += n
+
+
+def sum_tensor(t: torch.Tensor) -> None:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,117 @@
+"""`lorakit.train(...)`: a whole run from names to files (what `lorakit train` calls).
+
+Loads the base, reads the data, injects (or resumes) the adapter, trains, and writes the run folder:
+adapter/, checkpoints/, metrics.jsonl, loss.png, summary.json, and bad_rows.jsonl if rows were skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import LoraConfig
+from ..inject import inject, trainable_report
+from ..io.atomic import write_text
+from ..io.peft_format import load_adapter
+from ..models import load_base
+from . import checkpoint, distributed
+from .data import load_dataset
+from .memory import PeakMemory
+from .trainer import Trainer, TrainConfig
+
+METHODS = {"lora": LoraConfig}
+
+
+def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
+    """One flat set of names (as on the command line) -> (TrainConfig, method config)."""
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_kw = {k: v for k, v in kwargs.items() if k in train_names}
+    cfg = TrainConfig(**train_kw)
+    if cfg.method not in METHODS:
+        raise ValueError(f"method {cfg.method!r} is not available (choose from {sorted(METHODS)})")
+    method_cls = METHODS[cfg.method]
+    method_names = {f.name for f in dataclasses.fields(method_cls)}
+    unknown = sorted(set(kwargs) - train_names - method_names)
+    if unknown:
+        raise TypeError(f"unknown training option(s) {unknown}")
+    return cfg, method_cls(**{k: v for k, v in kwargs.items() if k in method_names})
+
+
+def train(**kwargs) -> dict:
+    """Train an adapter; the keyword names are the `lorakit train` flags. Returns the run summary."""
+    cfg, method_cfg = split_kwargs(kwargs)
+    if cfg.data is None:
+        raise ValueError("train needs data=<path to a JSONL file>")
+    memory = PeakMemory().start()
+    model, tokenizer = load_base(cfg.model, dtype=cfg.dtype)
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.model!r} has no tokenizer; training needs one")
+    return train_model(model, tokenizer, cfg, method_cfg, memory)
+
+
+def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemory | None = None,
+                adapter: str = "default") -> dict:
+    """The run on an already-loaded model (tests and sweeps reuse a base this way)."""
+    memory = memory or PeakMemory().start()
+    train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.skip_bad_rows)
+    eval_set = load_dataset(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else None
+    out = Path(cfg.out)
+    resume_from = None
+    if cfg.resume:
+        resume_from = checkpoint.latest(cfg.resume)
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint found there")
+        load_adapter(model, resume_from / "adapter", name=adapter)
+    else:
+        torch.manual_seed(cfg.seed)
+        inject(model, method_cfg, name=adapter)
+    trainer = Trainer(model, tokenizer, train_set, cfg, eval_set, adapter)
+    if resume_from is not None:
+        trainer.restore(resume_from)
+    if distributed.is_main() and train_set.bad_rows:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "bad_rows.jsonl", "".join(json.dumps(r) + "\n" for r in train_set.bad_rows))
+
+    start = time.perf_counter()
+    history = trainer.run()
+    seconds = time.perf_counter() - start
+    report = trainable_report(model)
+    last = history[-1] if history else {}
+    summary = {
+        "model": cfg.model, "method": cfg.method, "adapter": str(out / "adapter"),
+        "method_config": dataclasses.asdict(method_cfg), "train_config": dataclasses.asdict(cfg),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "steps": trainer.total, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
+        "seconds": seconds, "tokens_per_s": last.get("tokens_per_s"), "world_size": trainer.world,
+        "trainable_params": report.trainable, "total_params": report.total, "trainable_percent": report.percent,
+        "data": {"rows": len(train_set), "truncated": train_set.truncated, "dropped_no_labels": train_set.dropped,
+                 "bad_rows": len(train_set.bad_rows), "packed_rows": len(trainer.rows) if cfg.packing else None},
+        "peak_memory": memory.summary(),
+    }
+    if distributed.is_main():
+        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_loss(history, out / "loss.png")
+    return summary
+
+
+def plot_loss(history: list[dict], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss")
+    evals = [r for r in history if r.get("eval_loss") is not None]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,241 @@
+"""The training loop: AdamW on adapter parameters only, warmup + cosine, accumulation, clipping.
+
+One readable loop, deterministic on CPU for a given seed. An optimizer step consumes
+`grad_accum` global micro-batches of `batch_size` rows; under torchrun each rank takes its share of
+every micro-batch (see `distributed`). The loss is the mean over all loss tokens of the step, so
+accumulation and data parallelism change nothing but speed. The trainer knows nothing about
+which adapter method it trains: it trains whatever requires grad.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..io.atomic import write_text
+from ..io.peft_format import save_adapter
+from . import checkpoint, distributed
+from .data import IGNORE, Dataset, collate, collate_packed, pack
+from .schedule import lr_factor
+
+
+def _doc(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Adapter shape (r, alpha, targets, ...) lives in the method's own config."""
+
+    model: str = field(default="smollm2-135m-instruct", metadata=_doc("base model: embedded name, .gguf, folder, or tiny-<family>"))
+    data: str = field(default=None, metadata=_doc("training JSONL (prompt/completion or messages rows)"))
+    eval_data: str = field(default=None, metadata=_doc("held-out JSONL: loss during training, task score after"))
+    out: str = field(default="runs/train", metadata=_doc("run folder: adapter, checkpoints, metrics, plots"))
+    method: str = field(default="lora", metadata=_doc("adapter method"))
+    steps: int = field(default=None, metadata=_doc("optimizer steps (overrides epochs)"))
+    epochs: float = field(default=1.0, metadata=_doc("passes over the training set when steps is not given"))
+    batch_size: int = field(default=8, metadata=_doc("rows per micro-batch, across all ranks"))
+    grad_accum: int = field(default=1, metadata=_doc("micro-batches per optimizer step"))
+    lr: float = field(default=2e-4, metadata=_doc("peak learning rate"))
+    warmup: float = field(default=0.05, metadata=_doc("warmup: a fraction of the steps if < 1, else a step count"))
+    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay on adapter parameters"))
+    max_grad_norm: float = field(default=1.0, metadata=_doc("clip the global gradient norm (0 = off)"))
+    max_len: int = field(default=512, metadata=_doc("truncate rows to this many tokens"))
+    seed: int = field(default=0, metadata=_doc("seed for adapter init, data order and dropout"))
+    resume: str = field(default=None, metadata=_doc("continue from a run folder or checkpoint folder"))
+    save_every: int = field(default=0, metadata=_doc("checkpoint every N steps (0: only at the end)"))
+    keep_checkpoints: int = field(default=2, metadata=_doc("how many checkpoints to keep"))
+    log_every: int = field(default=1, metadata=_doc("write metrics every N steps"))
+    eval_every: int = field(default=0, metadata=_doc("held-out loss every N steps (0: only at the end)"))
+    bf16: bool = field(default=False, metadata=_doc("bf16 autocast for the forward pass"))
+    grad_checkpointing: bool = field(default=False, metadata=_doc("recompute activations in backward to save memory"))
+    packing: bool = field(default=False, metadata=_doc("pack several rows into each max_len sequence"))
+    skip_bad_rows: bool = field(default=False, metadata=_doc("count and list bad rows instead of stopping"))
+    dtype: str = field(default="float32", metadata=_doc("base model dtype: float32, bfloat16, float16"))
+    progress: bool = field(default=True, metadata=_doc("show a progress bar"))
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_len", "keep_checkpoints", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} = {getattr(self, name)!r}: expected an integer >= 1")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"TrainConfig.steps = {self.steps!r}: expected an integer >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr = {self.lr!r}: expected a positive number")
+        if self.epochs <= 0:
+            raise ValueError(f"TrainConfig.epochs = {self.epochs!r}: expected > 0")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# Families whose logits are exactly `head(last_hidden_state)`: for them the loss runs the head only
+# on positions that have a label, which skips most of a (tokens x vocab) matmul in SFT.
+PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "olmo", "olmo2", "smollm3"}
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over label positions, and how many there were."""
+    labels = batch["labels"][:, 1:]                                      # (B, T-1)
+    keep = labels != IGNORE
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if getattr(model.config, "model_type", None) in PLAIN_HEAD:
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, C)
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])           # (N, V)
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][keep]         # (N, V)
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, tokenizer, train_set: Dataset, cfg: TrainConfig,
+                 eval_set: Dataset | None = None, adapter: str = "default"):
+        self.model, self.tokenizer, self.cfg, self.adapter = model, tokenizer, cfg, adapter
+        self.rank, self.world = distributed.init()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rows = pack(train_set.examples, cfg.max_len) if cfg.packing else train_set.examples
+        self.collate = collate_packed if cfg.packing else collate
+        self.eval_rows = eval_set.examples if eval_set else []
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("the model has no trainable parameters: inject an adapter first")
+        self.names = {p: n for n, p in self.params.items()}
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.per_epoch = math.ceil(len(self.rows) / cfg.batch_size)
+        self.total = cfg.steps or max(1, math.ceil(cfg.epochs * self.per_epoch / cfg.grad_accum))
+        self.warmup = int(cfg.warmup * self.total) if cfg.warmup < 1 else int(cfg.warmup)
+        self.out = Path(cfg.out)
+        self.step = 0
+        self.history: list[dict] = []
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- data order ----------------------------------------------------------------------------
+    def micro_batch(self, k: int) -> list:
+        """Rows of global micro-batch k: epoch k // per_epoch, in a seeded permutation of that epoch."""
+        epoch, i = divmod(k, self.per_epoch)
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
+        idx = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size].tolist()
+        return [self.rows[j] for j in idx]
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        model.train()
+        batches = [self.micro_batch(self.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
+        n_tokens = sum(ex.n_labels for rows in batches for ex in rows)    # global: every rank knows all rows
+        n_input = sum(len(ex.input_ids) for rows in batches for ex in rows)
+        total_loss = torch.zeros(())
+        autocast = torch.autocast("cuda" if self._device().type == "cuda" else "cpu", dtype=torch.bfloat16) \
+            if cfg.bf16 else nullcontext()
+        for rows in batches:
+            mine = rows[self.rank::self.world]
+            if not mine:
+                continue
+            batch = {k: v.to(self._device()) for k, v in self.collate(mine, self.pad_id).items()}
+            with autocast:
+                loss, _ = loss_sum(model, batch)
+            (loss / n_tokens).backward()
+            total_loss += loss.detach().float().cpu()
+        params = list(self.params.values())
+        distributed.sum_gradients(params)
+        distributed.sum_tensor(total_loss)
+        mean_loss = total_loss.item() / n_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not math.isfinite(mean_loss) or not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = checkpoint.latest(self.out)
+            raise NonFiniteLoss(f"non-finite loss ({mean_loss}) or gradient norm ({grad_norm.item()}) at step "
+                                f"{self.step + 1}; training stopped, the adapter was not updated. Last good "
+                                f"checkpoint: {last or 'none yet'}. Try a lower --lr or --bf16 off.")
+        lr = cfg.lr * lr_factor(self.step, self.total, self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                "tokens": n_input, "loss_tokens": n_tokens}
+
+    def _device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @torch.no_grad()
+    def eval_loss(self) -> float | None:
+        if not self.eval_rows:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(self.eval_rows), self.cfg.batch_size):
+            batch = {k: v.to(self._device()) for k, v in collate(self.eval_rows[i:i + self.cfg.batch_size], self.pad_id).items()}
+            s, n = loss_sum(self.model, batch)
+            total, count = total + s.item(), count + n
+        return total / count
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        if not distributed.is_main():
+            return None
+        state = {"train_config": asdict(self.cfg), "adapter": self.adapter, "total_steps": self.total}
+        return checkpoint.save(self.out, self.step, self.model, self.adapter, self.optimizer, self.names, state,
+                               keep=self.cfg.keep_checkpoints)
+
+    def restore(self, path: Path) -> None:
+        state = checkpoint.load(path, self.optimizer, self.params)
+        self.step = state["step"]
+        if state.get("total_steps") != self.total:
+            raise ValueError(f"{path}: the checkpoint was written by a run of {state.get('total_steps')} steps, "
+                             f"this run has {self.total}; resume with the same --steps/--epochs and data")
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        metrics_path = self.out / "metrics.jsonl"
+        if distributed.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= self.step]
+            write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.history = kept
+        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step",
+                   disable=not (cfg.progress and distributed.is_main()), dynamic_ncols=True)
+        start, tokens = time.perf_counter(), 0
+        with open(metrics_path, "a") if distributed.is_main() else nullcontext() as log:
+            while self.step < self.total:
+                row = self.train_step()
+                tokens += row["tokens"]
+                row["tokens_per_s"] = tokens / (time.perf_counter() - start)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
+                    row["eval_loss"] = self.eval_loss()
+                if self.step == self.total:
+                    row["eval_loss"] = self.eval_loss()
+                if log and (self.step % cfg.log_every == 0 or "eval_loss" in row or self.step == self.total):
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    self.history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
+                    self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        if distributed.is_main():
+            save_adapter(self.model, self.out / "adapter", name=self.adapter)
+        distributed.barrier()
+        return self.history
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+
+from lorakit.models import tiny_model, tiny_tokenizer
+from lorakit.training.data import IGNORE, DataError, collate, collate_packed, load_dataset, pack, read_rows, tokenize
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _loss_text(ex, tok):
+    return tok.decode([t for t in ex.labels if t != IGNORE])
+
+
+def test_prompt_completion_masks_all_but_the_completion(tok):
+    ex, cut = tokenize({"prompt": "Route: parcel crushed. Code:", "completion": " CLM-STD"}, tok)
+    assert not cut
+    assert _loss_text(ex, tok) == " CLM-STD<|im_end|>"          # completion + EOS, nothing else
+    n_prompt = len(tok("Route: parcel crushed. Code:")["input_ids"])
+    assert ex.labels[:n_prompt] == [IGNORE] * n_prompt
+    assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:]
+
+
+def test_messages_mask_everything_but_assistant_turns(tok):
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Code?"},
+                        {"role": "assistant", "content": "RET-STD"}]}
+    ex, _ = tokenize(row, tok)
+    full = tok.apply_chat_template(row["messages"], tokenize=False)
+    assert tok.decode(ex.input_ids) == full                      # the ids are the rendered conversation
+    spans, cur = [], []
+    for i, t in zip(ex.input_ids, ex.labels):
+        if t == IGNORE:
+            if cur:
+                spans.append(tok.decode(cur))
+                cur = []
+        else:
+            assert t == i
+            cur.append(t)
+    spans.append(tok.decode(cur))
+    assert spans == ["Hello!<|im_end|>\n", "RET-STD<|im_end|>\n"]
+
+
+def _write(tmp_path, lines):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD = json.dumps({"prompt": "a", "completion": "b"})
+BAD = {
+    "invalid json": ('{"prompt": "a", ', r"data\.jsonl:2: invalid JSON"),
+    "missing key": (json.dumps({"prompt": "a"}), r"data\.jsonl:2: missing key 'completion'"),
+    "empty completion": (json.dumps({"prompt": "a", "completion": "  "}), r"data\.jsonl:2: empty completion"),
+    "unknown role": (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), r"data\.jsonl:2: messages\[0\] has unknown role 'bot'"),
+    "no assistant": (json.dumps({"messages": [{"role": "user", "content": "x"}]}), r"data\.jsonl:2: 'messages' has no assistant turn"),
+    "empty reply": (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}),
+                    r"data\.jsonl:2: messages\[1\] is an empty assistant reply"),
+    "not an object": ("[1, 2]", r"data\.jsonl:2: expected a JSON object, found list"),
+    "wrong type": (json.dumps({"prompt": 3, "completion": "b"}), r"data\.jsonl:2: 'prompt' and 'completion' must be strings"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_rows_name_file_and_line(tmp_path, case):
+    line, pattern = BAD[case]
+    path = _write(tmp_path, [GOOD, line, GOOD])
+    with pytest.raises(DataError, match=pattern):
+        read_rows(path)
+    rows, bad = read_rows(path, skip_bad_rows=True)
+    assert len(rows) == 2 and bad[0]["line"] == 2 and bad[0]["error"]
+
+
+def test_truncation_is_counted_and_rows_without_labels_dropped(tmp_path, tok):
+    path = _write(tmp_path, [json.dumps({"prompt": "x" * 50, "completion": "yy"}),
+                             json.dumps({"prompt": "x" * 5, "completion": "y" * 40})])
+    ds = load_dataset(path, tok, max_len=20)
+    assert ds.truncated == 2 and ds.dropped == 1 and len(ds) == 1 and len(ds.examples[0].input_ids) == 20
+
+
+def test_padding_batch(tok):
+    a, _ = tokenize({"prompt": "ab", "completion": "c"}, tok)
+    b, _ = tokenize({"prompt": "abcdef", "completion": "gh"}, tok)
+    batch = collate([a, b], tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(b.input_ids))
+    assert batch["attention_mask"][0].tolist() == [1] * len(a.input_ids) + [0] * (len(b.input_ids) - len(a.input_ids))
+    assert (batch["labels"][0, len(a.input_ids):] == IGNORE).all()
+
+
+def test_packed_examples_do_not_see_each_other(tok):
+    model = tiny_model("llama")
+    exs = [tokenize({"prompt": p, "completion": c}, tok)[0] for p, c in [("hello", " a"), ("abc", " bb"), ("xyzzy!", " c")]]
+    packed = pack(exs, max_len=64)
+    assert len(packed) == 1 and sorted(packed[0].position_ids).count(0) == 3
+    batch = collate_packed(packed, tok.pad_token_id)
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        offset = 0
+        for e in sorted(exs, key=lambda e: -len(e.input_ids)):     # pack() orders longest first
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            torch.testing.assert_close(together[offset:offset + len(e.input_ids)], alone, atol=1e-5, rtol=0)
+            offset += len(e.input_ids)

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit as lk
+from lorakit.config import LoraConfig
+from lorakit.models import tiny_model, tiny_tokenizer
+from lorakit.training import NonFiniteLoss, TrainConfig, train_model
+from lorakit.training.data import collate, tokenize
+from lorakit.training.trainer import loss_sum
+
+ROW = {"messages": [{"role": "user", "content": "Box crushed, Kestrel Express."}, {"role": "assistant", "content": "CLM-T2-KX"}]}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_fast_loss_equals_the_full_forward(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    batch = collate([tokenize(ROW, tok)[0], tokenize({"prompt": "ab", "completion": "cd"}, tok)[0]], tok.pad_token_id)
+    fast, n = loss_sum(model, batch)
+    full = model(**batch).loss                    # transformers' own mean over label tokens
+    torch.testing.assert_close(fast / n, full, atol=1e-6, rtol=1e-6)
+
+
+def _run(tmp_path, carrier, name, **kw):
+    cfg = TrainConfig(data=str(carrier["train"]), out=str(tmp_path / name), batch_size=4, lr=5e-3,
+                      progress=False, **kw)
+    model = tiny_model("llama")
+    summary = train_model(model, tiny_tokenizer(), cfg, LoraConfig(r=4, alpha=8, targets="all-linear"))
+    return summary, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_run_folder_contents_and_learning(tmp_path, carrier):
+    summary, _ = _run(tmp_path, carrier, "run", steps=12, eval_data=None)
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (out / "loss.png").stat().st_size > 1000
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["steps"] == 12 and saved["peak_memory"]["peak_above_baseline_bytes"] > 0
+    assert saved["trainable_params"] == summary["trainable_params"] > 0
+    lk.load_adapter(tiny_model("llama"), out / "adapter")   # the result is a loadable adapter
+
+
+def test_resume_gives_the_same_adapter(tmp_path, carrier):
+    _, straight = _run(tmp_path, carrier, "straight", steps=10, save_every=5, keep_checkpoints=5)
+    ckpt = tmp_path / "straight" / "checkpoints" / "step-000005"
+    assert ckpt.is_dir()
+    _, resumed = _run(tmp_path, carrier, "straight", steps=10, resume=str(ckpt))
+    assert _max_diff(straight, resumed) <= 1e-6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))   # the log was cut back to the checkpoint, not duplicated
+
+
+def test_resume_with_dropout_restores_the_rng(tmp_path, carrier):
+    def run(name, **kw):
+        cfg = TrainConfig(data=str(carrier["train"]), out=str(tmp_path / name), batch_size=4, lr=5e-3, progress=False, **kw)
+        train_model(tiny_model("llama"), tiny_tokenizer(), cfg, LoraConfig(r=4, targets="qv", dropout=0.3))
+        return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+    straight = run("a", steps=6, save_every=3)
+    resumed = run("b", steps=6, resume=str(tmp_path / "a" / "checkpoints" / "step-000003"))
+    assert _max_diff(straight, resumed) <= 1e-6
+
+
+def test_accumulation_matches_a_bigger_batch(tmp_path, carrier):
+    _, big = _run(tmp_path, carrier, "big", steps=4)                          # 4 rows x 1
+    cfg = TrainConfig(data=str(carrier["train"]), out=str(tmp_path / "acc"), batch_size=2, grad_accum=2, lr=5e-3,
+                      steps=4, progress=False)                                # 2 rows x 2, the same rows
+    train_model(tiny_model("llama"), tiny_tokenizer(), cfg, LoraConfig(r=4, alpha=8, targets="all-linear"))
+    acc = load_file(tmp_path / "acc" / "adapter" / "adapter_model.safetensors")
+    assert _max_diff(big, acc) <= 1e-6
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, carrier):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    calls = {"n": 0}
+
+    def poison(module, args, output):    # one call per step: NaN from step 5 on
+        calls["n"] += 1
+        if calls["n"] >= 5:
+            return (output[0] * float("nan"),) + tuple(output[1:]) if isinstance(output, tuple) else output * float("nan")
+        return None
+
+    model.model.layers[1].register_forward_hook(poison)
+    cfg = TrainConfig(data=str(carrier["train"]), out=str(tmp_path / "nan"), steps=10, batch_size=4, save_every=2,
+                      progress=False)
+    with pytest.raises(NonFiniteLoss, match=r"at step 5.*checkpoints/step-000004"):
+        train_model(model, tok, cfg, LoraConfig(r=4, targets="qv"))
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    lk.load_adapter(tiny_model("llama"), tmp_path / "nan" / "checkpoints" / "step-000004" / "adapter")
+
+
+def test_bad_rows_are_skipped_and_listed(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{oops\n" + json.dumps({"prompt": "c", "completion": "d"}) + "\n")
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), steps=1, batch_size=2, skip_bad_rows=True, progress=False)
+    summary = train_model(tiny_model("llama"), tiny_tokenizer(), cfg, LoraConfig(r=2, targets="qv"))
+    assert summary["data"]["bad_rows"] == 1
+    assert json.loads((tmp_path / "run" / "bad_rows.jsonl").read_text())["line"] == 2
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"TrainConfig\.batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(TypeError, match=r"unknown training option\(s\) \['rank'\]"):
+        lk.train(data="x.jsonl", rank=4)
