@@ -21,7 +21,8 @@ def _doc(text: str, **kw) -> dict:
 class LoraConfig:
     """Low-rank adaptation: h = W0 x + s * B A dropout(x) (Hu et al., 2021, arXiv:2106.09685)."""
 
-    r: int = field(default=16, metadata=_doc("rank of the update B A"))
+    # `--rank` too: torchrun's own parser rejects `--r` as an ambiguous prefix of its flags.
+    r: int = field(default=16, metadata=_doc("rank of the update B A", aliases=["--rank"]))
     alpha: float = field(default=32, metadata=_doc("scaling numerator: s = alpha/r (alpha/sqrt(r) with rsLoRA)"))
     dropout: float = field(default=0.0, metadata=_doc("dropout on the adapter's input x, in [0, 1)"))
     targets: Targets = field(

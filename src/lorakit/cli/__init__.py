@@ -6,8 +6,9 @@ import logging
 import sys
 
 from . import demo, inspect, merge, train
+from . import eval as eval_cmd  # a plain `eval` would shadow the builtin here
 
-COMMANDS = {"train": train, "inspect": inspect, "merge": merge, "demo": demo}
+COMMANDS = {"train": train, "inspect": inspect, "merge": merge, "demo": demo, "eval": eval_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,18 +15,18 @@ def add_config_args(parser: argparse.ArgumentParser, cls, only: list[str] | None
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, {}) else "")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name in ("targets", "exclude", "modules_to_save"):
-            parser.add_argument(flag, type=_parse_targets, default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=_parse_targets, default=None, help=help_text)
         elif f.type in ("dict", dict):
-            parser.add_argument(flag, type=json.loads, default=None, help=help_text + " as JSON")
+            parser.add_argument(*flags, dest=f.name, type=json.loads, default=None, help=help_text + " as JSON")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
 
 
 def config_values(cls, args: argparse.Namespace) -> dict:

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from lorakit.evaluate import Thresholds, verdict, write_report
+from lorakit.evaluate.regression import RegressionResult
+from lorakit.evaluate.task import TaskResult, wilson_interval
+
+T = Thresholds(min_task_gain=0.10, max_ppl_increase=0.05, warn_ppl_increase=0.10, min_agreement=0.5)
+
+
+def task(correct_flags, got=None):
+    k, n = sum(correct_flags), len(correct_flags)
+    records = [{"prompt": f"ticket {i}", "expected": f"CODE-{i}", "got": (got or "g") + str(i), "correct": c}
+               for i, c in enumerate(correct_flags)]
+    return TaskResult(k / n, *wilson_interval(k, n), n, k, records)
+
+
+def regression(ppl_change=0.0, agreement=1.0):
+    prompts = [{"prompt": "What is 7 times 8?", "reference": "56", "adapted": "56" if agreement == 1 else "fifty-six",
+                "same": agreement == 1, "similarity": 1.0 if agreement == 1 else 0.2}]
+    return RegressionResult(10.0, 10.0 * (1 + ppl_change), ppl_change, prompts, agreement, 0.5)
+
+
+BEFORE = task([False] * 8 + [True] * 2)          # 20%
+AFTER = task([True] * 9 + [False])               # 90%
+
+
+@pytest.mark.parametrize("field, value", [
+    ("min_task_gain", 1.5), ("min_task_gain", float("nan")), ("max_ppl_increase", -0.1),
+    ("warn_ppl_increase", 0.01), ("min_agreement", 1.2), ("min_agreement", "high"),
+])
+def test_thresholds_are_validated_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        Thresholds(**{field: value})
+
+
+@pytest.mark.parametrize("before, after, reg, expected, words", [
+    (BEFORE, AFTER, regression(0.01, 1.0), "PASS", []),
+    (BEFORE, AFTER, regression(0.05, 1.0), "PASS", []),                           # at max_ppl_increase: fine
+    (BEFORE, AFTER, regression(0.07, 1.0), "WARN", ["max_ppl_increase", "+7.0%"]),
+    (BEFORE, AFTER, regression(0.10, 1.0), "WARN", ["max_ppl_increase"]),         # at the FAIL line: still WARN
+    (BEFORE, AFTER, regression(-0.2, 0.25), "WARN", ["min_agreement", "25%"]),
+    (BEFORE, AFTER, regression(0.15, 1.0), "FAIL", ["warn_ppl_increase", "+15.0%"]),
+    (BEFORE, AFTER, regression(float("inf"), 1.0), "FAIL", ["not finite"]),
+    (AFTER, BEFORE, regression(0.0, 1.0), "FAIL", ["min_task_gain", "-70.0 points"]),
+    (BEFORE, task([False] * 7 + [True] * 3), regression(0.0, 1.0), "PASS", []),   # 0.3 - 0.2 is a full 10 points
+    (BEFORE, task([False] * 8 + [True] * 2), regression(0.0, 1.0), "FAIL", ["+0.0 points"]),
+    (None, BEFORE, regression(0.0, 1.0), "PASS", []),                             # no before: no gain to check
+])
+def test_verdict_branches(before, after, reg, expected, words):
+    v = verdict(before, after, reg, T)
+    assert v["verdict"] == expected
+    assert v["ppl_change"] == reg.ppl_change and v["agreement"] == reg.agreement
+    assert v["task_gain"] == (None if before is None else pytest.approx(after.accuracy - before.accuracy))
+    assert bool(v["reasons"]) == (expected != "PASS")
+    for w in words:
+        assert any(w in r for r in v["reasons"]), (w, v["reasons"])
+
+
+def test_fail_and_warn_reasons_are_all_listed():
+    v = verdict(AFTER, BEFORE, regression(0.2, 0.0), T)
+    assert v["verdict"] == "FAIL" and len(v["reasons"]) == 3
+
+
+def test_write_report(tmp_path):
+    after = task([True] * 9 + [False], got="new")
+    reg = regression(0.07, 1.0)
+    md, js = write_report(tmp_path / "run", BEFORE, after, reg, T, {"model": "tiny-llama", "adapter": "a|b"})
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["eval_report.json", "eval_report.md"]  # no temp files
+    data = json.loads(js.read_text())
+    assert data["verdict"] == verdict(BEFORE, after, reg, T)
+    assert data["task"]["before"]["accuracy"] == 0.2 and data["task"]["after"]["correct"] == 9
+    assert data["regression"]["ppl_change"] == 0.07 and data["thresholds"]["min_task_gain"] == 0.10
+    assert data["meta"]["model"] == "tiny-llama"
+    text = md.read_text()
+    assert text.startswith("# lorakit eval: **WARN**") and "max_ppl_increase" in text
+    assert "20.0% [5.7%, 51.0%] (2/10)" in text and "90.0% [59.6%, 98.2%] (9/10)" in text   # Wilson 2/10, 9/10
+    assert "+70.0 points" in text and "| 10.000 | 10.700 | +7.00% |" in text and "1/1 (100%)" in text
+    assert "a\\|b" in text                                    # pipes are escaped inside tables
+    # three examples, the ones the adapter fixed first (rows 0..6 were wrong before, right after)
+    assert text.count("- expected:") == 3
+    assert "`CODE-0`" in text and "`g0` (wrong)" in text and "`new0` (right)" in text
+
+
+def test_base_only_report(tmp_path):
+    md, js = write_report(tmp_path, BEFORE, None, None, Thresholds(), {})
+    assert json.loads(js.read_text())["verdict"] is None
+    text = md.read_text()
+    assert "base model only" in text and "(2/10)" in text and "## Examples" not in text
+    with pytest.raises(ValueError):
+        write_report(tmp_path, None, None, None, Thresholds(), {})
