@@ -41,9 +41,13 @@ def worker(lib: str, args) -> dict:
 
     from lorakit.training.memory import PeakMemory
 
+    import lorakit as lk
+
+    if lib == "peft":
+        import peft  # imported before the baseline, like lorakit: library code is not training memory
+
     torch.manual_seed(0)
     memory = PeakMemory().start()
-    import lorakit as lk
 
     model, tokenizer = lk.load_base(args.model)
     data = batch(tokenizer, args.batch, args.seq)
@@ -56,14 +60,13 @@ def worker(lib: str, args) -> dict:
             s, n = loss_sum(model, data)
             return s / n
     else:
-        import peft
-
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear",
                                                            task_type="CAUSAL_LM"))
 
         def step_loss():
             return model(**data, use_cache=False).loss
     model.train()
+    memory.reset_peak()   # measure training, not the load spike; the resident model still counts
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     losses, times = [], []

@@ -10,7 +10,8 @@ import transformers
 
 import lorakit as lk
 from lorakit import models
-from lorakit.cli.demo import chat
+from lorakit.evaluate.regression import render_chat
+from lorakit.evaluate.task import generate
 
 
 def test_tiny_families_build_the_expected_classes():
@@ -66,7 +67,8 @@ def test_embedded_converted_folder_is_a_plain_float_checkpoint(embedded_folder, 
     seconds = time.perf_counter() - start
     assert seconds < 5, f"loading the converted folder took {seconds:.1f} s (the issue's bound: 5 s)"
     assert model.config._name_or_path == models.EMBEDDED
-    assert "Paris" in chat(model, tokenizer, "What is the capital of France?")
+    reply = generate(model, tokenizer, [render_chat(tokenizer, "What is the capital of France?")], progress=False)[0]
+    assert "Paris" in reply
     model.save_pretrained(tmp_path)     # plain: saves (a GGUF-loaded model would refuse)...
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     x = tokenizer(["The warehouse policy says"], return_tensors="pt")["input_ids"]

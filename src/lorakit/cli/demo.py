@@ -1,86 +1,104 @@
-"""The main job on the embedded SmolLM2-135M-Instruct: inject LoRA, prove it is exact, save, reload, merge, chat.
+"""The main job: teach the embedded SmolLM2-135M-Instruct a new carrier policy with LoRA, and prove it.
 
-Until the trainer lands the adapter is not trained: to exercise save, reload and merge on
-non-trivial values the demo fills B with small random numbers (and says so).
+A support model already routes returns; a new policy sends damaged items delivered by Kestrel
+Express to the tier-2 claims queue (CLM-T2-KX). The demo generates the tickets, scores the base on
+held-out tickets it never trains on, trains a LoRA adapter, scores again, checks that general
+ability did not break (perplexity on Python's own documentation prose, general chat prompts), and
+writes the adapter and a report.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.table import Table
 
 from ..config import LoraConfig
-from ..inject import disabled, inject, trainable_report
-from ..io.peft_format import load_adapter, save_adapter
-from ..merge import merge_and_unload
+from ..datasets import carrier
+from ..evaluate.regression import regression_eval
+from ..evaluate.report import Thresholds, verdict, write_report
+from ..evaluate.task import task_eval
+from ..inject import trainable_report
 from ..models import EMBEDDED, load_base
+from ..training.data import read_rows
+from ..training.run import train_model
+from ..training.trainer import TrainConfig
 
-QUESTION = "What is the capital of France?"
 
 
 def register(p):
     p.add_argument("--model", default=EMBEDDED, help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", default="runs/demo", help="where the adapter is written")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--out", default="runs/demo", help="where data, adapter and report are written")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps (default: 80)")
+    p.add_argument("--n-train", type=int, default=600, help="training tickets (default: 600)")
+    p.add_argument("--n-heldout", type=int, default=120, help="held-out tickets (default: 120)")
+    p.add_argument("--seed", type=int, default=0)
 
 
-def chat(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
-    messages = [{"role": "user", "content": question}]
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
+def _side_by_side(before, after, rows) -> Table:
+    t = Table(title="Three held-out tickets, before and after", show_lines=True)
+    for col in ("ticket", "expected", "base", "adapted"):
+        t.add_column(col, overflow="fold", max_width=60 if col == "ticket" else 14)
+    shown = set()
+    for i, row in enumerate(rows):
+        code = row["messages"][-1]["content"]
+        if code not in shown:
+            shown.add(code)
+            t.add_row(row["messages"][1]["content"], code, before.records[i]["got"], after.records[i]["got"])
+    return t
 
 
 def run(args) -> int:
-    console = Console()
-    t0 = time.perf_counter()
+    console, start = Console(), time.perf_counter()
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    paths = carrier.write(out / "data", n_train=args.n_train, n_heldout=args.n_heldout, seed=args.seed)
+    heldout, _ = read_rows(paths["heldout"])
+    console.rule("[bold]lorakit demo: a new carrier policy, taught with LoRA")
+    console.print(f"data: {args.n_train} training tickets, {args.n_heldout} held-out tickets whose products, customers "
+                  f"and phrasings never occur in training -> {paths['train'].parent}")
+
     model, tokenizer = load_base(args.model)
-    console.print(f"[bold]1. base model[/] {args.model}: {type(model).__name__}, "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters, loaded in {time.perf_counter() - t0:.1f} s")
-    console.print(f"   Q: {QUESTION}\n   A: {chat(model, tokenizer, QUESTION, args.max_new_tokens)}")
+    console.print(f"base: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    console.print("[bold]1/4 base model on held-out tickets[/]")
+    before = task_eval(model, tokenizer, heldout, max_new_tokens=8)
 
-    probe = tokenizer(["A damaged parcel from the new carrier must be escalated to"], return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        base_logits = model(input_ids=probe).logits
-    config = LoraConfig(r=16, alpha=32, targets="all-linear")
-    inject(model, config)
-    console.print("[bold]2. LoRA r=16, alpha=32, all-linear[/]")
-    console.print("   " + str(trainable_report(model)).replace("\n", "\n   "))
-    with torch.no_grad():
-        diff = _max_diff(model(input_ids=probe).logits, base_logits)
-    console.print(f"[bold]3. no-op at init[/] (B = 0): max |logits - base logits| = {diff:.1e}")
+    console.print("[bold]2/4 LoRA training[/] (r=16, alpha=32, all-linear, bf16 autocast)")
+    cfg = TrainConfig(model=args.model, data=str(paths["train"]), out=str(out / "run"), steps=args.steps,
+                      batch_size=8, lr=2e-3, warmup=0.1, bf16=True, seed=args.seed)
+    summary = train_model(model, tokenizer, cfg, LoraConfig(r=16, alpha=32, targets="all-linear"))
+    console.print("   " + str(trainable_report(model)).splitlines()[-1])
 
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".B"):
-                p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
-        adapted = model(input_ids=probe).logits
-    out = save_adapter(model, Path(args.out) / "adapter")
-    size = sum(f.stat().st_size for f in out.iterdir())
-    console.print(f"[bold]4. saved[/] an (untrained, randomised-B) adapter to {out} ({size / 1e6:.2f} MB, PEFT format)")
+    console.print("[bold]3/4 adapted model on the same held-out tickets[/]")
+    after = task_eval(model, tokenizer, heldout, max_new_tokens=8)
+    console.print("[bold]4/4 regression: general prose perplexity and general prompts, adapter off vs on[/]")
+    regression = regression_eval(model, tokenizer)
 
-    fresh, _ = load_base(args.model)
-    load_adapter(fresh, out)
-    with torch.no_grad():
-        reload_diff = _max_diff(fresh(input_ids=probe).logits, adapted)
-        with disabled(fresh):
-            base_diff = _max_diff(fresh(input_ids=probe).logits, base_logits)
-    console.print(f"[bold]5. reloaded[/] into a fresh base: max |diff| = {reload_diff:.1e}; "
-                  f"disabled() gives the base back: {base_diff:.1e}")
-    merged = merge_and_unload(fresh)
-    with torch.no_grad():
-        merge_diff = _max_diff(merged(input_ids=probe).logits, adapted)
-    console.print(f"[bold]6. merged[/] into a plain {type(merged).__name__}: max |diff| = {merge_diff:.1e}")
-    console.print(f"   Q: {QUESTION}\n   A: {chat(merged, tokenizer, QUESTION, args.max_new_tokens)}")
-    ok = diff == 0.0 and reload_diff < 1e-5 and base_diff < 1e-5 and merge_diff < 1e-3
-    console.print(f"[bold {'green' if ok else 'red'}]demo {'passed' if ok else 'FAILED'}[/] in {time.perf_counter() - t0:.1f} s")
-    return 0 if ok else 1
+    thresholds = Thresholds(min_task_gain=0.10, max_ppl_increase=0.05)
+    decision = verdict(before, after, regression, thresholds)
+    meta = {"model": args.model, "adapter": summary["adapter"], "data": str(paths["heldout"]), "steps": args.steps,
+            "train_seconds": round(summary["seconds"], 1), "peak_memory_mb": round(
+                summary["peak_memory"]["peak_above_baseline_bytes"] / 2**20)}
+    md, js = write_report(out / "run", before, after, regression, thresholds, meta)
+
+    console.print(_side_by_side(before, after, heldout))
+    t = Table(title="Result")
+    for col in ("", "base", "adapted"):
+        t.add_column(col)
+    t.add_row("held-out routing accuracy (95% CI)", f"{before.accuracy:.1%} [{before.low:.0%}, {before.high:.0%}]",
+              f"{after.accuracy:.1%} [{after.low:.0%}, {after.high:.0%}]")
+    t.add_row("general-prose perplexity", f"{regression.ppl_off:.3f}", f"{regression.ppl_on:.3f} ({regression.ppl_change:+.2%})")
+    t.add_row("general prompts unchanged", "", f"{regression.agreement:.0%}")
+    console.print(t)
+    color = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}[decision["verdict"]]
+    console.print(f"verdict: [bold {color}]{decision['verdict']}[/]" + "".join(f"\n  - {r}" for r in decision["reasons"]))
+    console.print(f"adapter: {summary['adapter']}\nreport:  {md} and {js.name}\n"
+                  f"metrics: {out / 'run' / 'metrics.jsonl'}, loss curve: {out / 'run' / 'loss.png'}\n"
+                  f"train: {summary['seconds']:.0f} s, peak memory {meta['peak_memory_mb']} MB above baseline; "
+                  f"whole demo {time.perf_counter() - start:.0f} s")
+    (out / "run" / "demo.json").write_text(json.dumps({"verdict": decision, "before": before.accuracy,
+                                                       "after": after.accuracy}, indent=2) + "\n")
+    return 0 if decision["verdict"] != "FAIL" else 1

@@ -73,6 +73,14 @@ DAMAGES = (
     "has a chipped edge and loose fragments in the box",
     "arrived with the handle torn off",
     "was flattened as if something heavy sat on the carton",
+    "arrived with the glass front cracked into a web",
+    "came with a torn seam and the stuffing spilling out",
+    "has a bent frame and wobbles badly",
+    "arrived with the screen smashed",
+    "came with water damage and the cardboard turned to mush",
+    "arrived with the lid caved in",
+    "has a big gouge in the finish",
+    "arrived with two wheels ripped off",
 )
 REASONS = (
     "arrived in perfect condition but is the wrong colour",
@@ -87,6 +95,14 @@ REASONS = (
     "arrived safely but is smaller than the photos suggested",
     "is in mint condition but too heavy for me to use",
     "works fine, but it is much louder than I expected",
+    "arrived in perfect shape, but the size is wrong",
+    "is brand new in the box, I ordered the wrong one",
+    "is perfectly fine, my partner bought the same thing",
+    "is still in its wrapping and I no longer want it",
+    "looks great but does not match the description",
+    "is flawless, but it arrived too late for the event",
+    "has nothing wrong with it, I just prefer another brand",
+    "is untouched and I would like a refund",
 )
 PRODUCTS = (
     "ceramic table lamp", "steel desk fan", "bamboo bookshelf", "espresso machine", "oak side table",

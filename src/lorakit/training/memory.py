@@ -57,6 +57,13 @@ class PeakMemory:
             self.baseline = rss_bytes()
         return self
 
+    def reset_peak(self) -> None:
+        """Forget the high-water mark so far (e.g. a load spike), keeping the baseline."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+
     def peak(self) -> int:
         if self.cuda:
             return torch.cuda.max_memory_allocated() - self.baseline
