@@ -111,3 +111,36 @@ def test_config_errors_name_the_field():
         TrainConfig(batch_size=0)
     with pytest.raises(TypeError, match=r"unknown training option\(s\) \['rank'\]"):
         lk.train(data="x.jsonl", rank=4)
+
+
+def test_kl_to_base_matches_an_independent_base_copy():
+    from lorakit.training.trainer import kl_positions, loss_and_kl_sum
+    tok = tiny_tokenizer()
+    rows = [tokenize(ROW, tok)[0], tokenize({"prompt": "abcdef", "completion": "gh"}, tok)[0]]
+    batch = collate(rows, tok.pad_token_id)
+    batch["kl_mask"] = torch.zeros(2, batch["labels"].shape[1] - 1, dtype=torch.bool)
+    for i, ex in enumerate(rows):
+        batch["kl_mask"][i, kl_positions(ex, 2)] = True
+    model = lk.inject(tiny_model("llama"), LoraConfig(r=4, targets="all-linear"))
+    ce0, kl0 = loss_and_kl_sum(model, batch)
+    assert kl0.item() == 0.0                                   # B = 0: the adapter is the base
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ce, kl = loss_and_kl_sum(model, batch)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():                                      # oracle: a separate, never-adapted model
+        p_base = torch.log_softmax(tiny_model("llama")(**inputs).logits[:, :-1][batch["kl_mask"]], -1)
+        p_ad = torch.log_softmax(model(**inputs).logits[:, :-1][batch["kl_mask"]], -1)
+    expected = (p_base.exp() * (p_base - p_ad)).sum()
+    torch.testing.assert_close(kl, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ce, loss_sum(model, batch)[0], atol=1e-5, rtol=1e-5)
+    assert kl_positions(rows[1], 1) == [0, 1, 2, 3, 4]   # next tokens a..f carry no label; g, h, EOS do
+
+
+def test_training_with_kl_logs_it(tmp_path, carrier):
+    summary, _ = _run(tmp_path, carrier, "kl", steps=3, kl_base=1.0)
+    rows = [json.loads(line) for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl_base"] == 0.0 and rows[-1]["kl_base"] > 0

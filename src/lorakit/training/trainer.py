@@ -59,6 +59,8 @@ class TrainConfig:
     grad_checkpointing: bool = field(default=False, metadata=_doc("recompute activations in backward to save memory"))
     packing: bool = field(default=False, metadata=_doc("pack several rows into each max_len sequence"))
     skip_bad_rows: bool = field(default=False, metadata=_doc("count and list bad rows instead of stopping"))
+    kl_base: float = field(default=0.0, metadata=_doc("weight of a KL penalty holding predictions on input tokens to the base model's"))
+    kl_stride: int = field(default=2, metadata=_doc("apply the KL penalty at every N-th input position"))
     dtype: str = field(default="float32", metadata=_doc("base model dtype: float32, bfloat16, float16"))
     progress: bool = field(default=True, metadata=_doc("show a progress bar"))
 
@@ -83,17 +85,47 @@ class NonFiniteLoss(RuntimeError):
 PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "olmo", "olmo2", "smollm3"}
 
 
+def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], *masks: torch.Tensor) -> list[torch.Tensor]:
+    """Next-token logits at the positions each (B, T-1) mask selects: one (N_i, V) tensor per mask."""
+    if getattr(model.config, "model_type", None) in PLAIN_HEAD:
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, C)
+        head = model.get_output_embeddings()
+        return [head(hidden[m]) for m in masks]
+    logits = model(**inputs, use_cache=False).logits[:, :-1]                            # (B, T-1, V)
+    return [logits[m] for m in masks]
+
+
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over label positions, and how many there were."""
     labels = batch["labels"][:, 1:]                                      # (B, T-1)
     keep = labels != IGNORE
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if getattr(model.config, "model_type", None) in PLAIN_HEAD:
-        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, C)
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])           # (N, V)
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][keep]         # (N, V)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "kl_mask")}
+    (logits,) = logits_at(model, inputs, keep)
     return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
+
+
+def loss_and_kl_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy on labels, and summed KL(base || adapted) at `kl_mask` positions.
+
+    The KL term keeps the adapted model's next-token predictions on the *inputs* (prompt tokens,
+    which carry no loss) close to the base model's, computed in the same step with adapters
+    disabled. It costs one extra forward without gradients and limits drift away from the base.
+    """
+    from ..inject import disabled
+
+    labels = batch["labels"][:, 1:]                                      # (B, T-1)
+    keep, probe = labels != IGNORE, batch["kl_mask"]
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "kl_mask")}
+    logits, adapted = logits_at(model, inputs, keep, probe)               # (N, V), (M, V)
+    with torch.no_grad(), disabled(model):
+        (base,) = logits_at(model, inputs, probe)                         # (M, V)
+    kl = F.kl_div(F.log_softmax(adapted.float(), -1), F.log_softmax(base.float(), -1), log_target=True, reduction="sum")
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), kl
+
+
+def kl_positions(ex, stride: int) -> list[int]:
+    """Positions t whose next token is an input token (no label), every `stride`-th."""
+    return [t for t in range(0, len(ex.input_ids) - 1, stride) if ex.labels[t + 1] == IGNORE]
 
 
 class Trainer:
@@ -136,6 +168,8 @@ class Trainer:
         batches = [self.micro_batch(self.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
         n_tokens = sum(ex.n_labels for rows in batches for ex in rows)    # global: every rank knows all rows
         n_input = sum(len(ex.input_ids) for rows in batches for ex in rows)
+        n_probe = sum(len(kl_positions(ex, cfg.kl_stride)) for rows in batches for ex in rows) if cfg.kl_base else 0
+        total_kl = torch.zeros(())
         total_loss = torch.zeros(())
         autocast = torch.autocast("cuda" if self._device().type == "cuda" else "cpu", dtype=torch.bfloat16) \
             if cfg.bf16 else nullcontext()
@@ -143,14 +177,24 @@ class Trainer:
             mine = rows[self.rank::self.world]
             if not mine:
                 continue
-            batch = {k: v.to(self._device()) for k, v in self.collate(mine, self.pad_id).items()}
+            batch = self.collate(mine, self.pad_id)
+            if n_probe:
+                batch["kl_mask"] = torch.zeros(batch["labels"].shape[0], batch["labels"].shape[1] - 1, dtype=torch.bool)
+                for i, ex in enumerate(mine):
+                    batch["kl_mask"][i, kl_positions(ex, cfg.kl_stride)] = True
+            batch = {k: v.to(self._device()) for k, v in batch.items()}
             with autocast:
-                loss, _ = loss_sum(model, batch)
-            (loss / n_tokens).backward()
+                if n_probe:
+                    loss, kl = loss_and_kl_sum(model, batch)
+                else:
+                    loss, kl = loss_sum(model, batch)[0], torch.zeros(())
+            (loss / n_tokens + (cfg.kl_base * kl / n_probe if n_probe else 0)).backward()
             total_loss += loss.detach().float().cpu()
+            total_kl += kl.detach().float().cpu()
         params = list(self.params.values())
         distributed.sum_gradients(params)
         distributed.sum_tensor(total_loss)
+        distributed.sum_tensor(total_kl)
         mean_loss = total_loss.item() / n_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         if not math.isfinite(mean_loss) or not torch.isfinite(grad_norm):
@@ -165,8 +209,11 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens": n_input, "loss_tokens": n_tokens}
+        row = {"step": self.step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
+               "tokens": n_input, "loss_tokens": n_tokens}
+        if n_probe:
+            row["kl_base"] = total_kl.item() / n_probe
+        return row
 
     def _device(self) -> torch.device:
         return next(iter(self.params.values())).device
