@@ -104,3 +104,13 @@ def test_packed_examples_do_not_see_each_other(tok):
             alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
             torch.testing.assert_close(together[offset:offset + len(e.input_ids)], alone, atol=1e-5, rtol=0)
             offset += len(e.input_ids)
+
+
+def test_text_rows_carry_no_loss_and_are_kept(tmp_path, tok):
+    ex, _ = tokenize({"text": "General prose."}, tok)
+    assert ex.n_labels == 0 and tok.decode(ex.input_ids) == "General prose."
+    path = _write(tmp_path, [json.dumps({"text": "Some prose."}), GOOD, json.dumps({"text": " "})][:2])
+    ds = load_dataset(path, tok)
+    assert len(ds) == 2 and ds.text_rows == 1 and ds.dropped == 0
+    with pytest.raises(DataError, match=r"data\.jsonl:1: 'text' must be a non-empty string"):
+        read_rows(_write(tmp_path, [json.dumps({"text": " "})]))

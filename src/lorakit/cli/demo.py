@@ -5,10 +5,18 @@ Express to the tier-2 claims queue (CLM-T2-KX). The demo generates the tickets, 
 held-out tickets it never trains on, trains a LoRA adapter, scores again, checks that general
 ability did not break (perplexity on Python's own documentation prose, general chat prompts), and
 writes the adapter and a report.
+
+Trained on the tickets alone, the adapter learns the policy and breaks the model elsewhere (it
+answers every chat with an empty reply or a code; prose perplexity rises severalfold). Two guards
+keep the base intact: rehearsal rows (the base's own answers to general prompts, disjoint from the
+regression prompts) and a KL penalty holding the adapted model's predictions to the base's on the
+tickets' input tokens and on general prose (standard-library docstrings, disjoint from the
+language-reference prose the regression check reads).
 """
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -18,10 +26,13 @@ from rich.table import Table
 
 from ..config import LoraConfig
 from ..datasets import carrier
+from ..datasets.prose import docstring_prose
+from ..datasets.replay import replay_rows
 from ..evaluate.regression import regression_eval
 from ..evaluate.report import Thresholds, verdict, write_report
 from ..evaluate.task import task_eval
 from ..inject import trainable_report
+from ..io.atomic import write_text
 from ..models import EMBEDDED, load_base
 from ..training.data import read_rows
 from ..training.run import train_model
@@ -35,6 +46,8 @@ def register(p):
     p.add_argument("--steps", type=int, default=80, help="optimizer steps (default: 80)")
     p.add_argument("--n-train", type=int, default=600, help="training tickets (default: 600)")
     p.add_argument("--n-heldout", type=int, default=120, help="held-out tickets (default: 120)")
+    p.add_argument("--kl-base", type=float, default=3.0, help="KL-to-base weight (0 turns the guard off)")
+    p.add_argument("--no-guards", action="store_true", help="train on the tickets alone, no KL (to see the damage)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -66,9 +79,19 @@ def run(args) -> int:
     console.print("[bold]1/4 base model on held-out tickets[/]")
     before = task_eval(model, tokenizer, heldout, max_new_tokens=8)
 
-    console.print("[bold]2/4 LoRA training[/] (r=16, alpha=32, all-linear, bf16 autocast)")
-    cfg = TrainConfig(model=args.model, data=str(paths["train"]), out=str(out / "run"), steps=args.steps,
-                      batch_size=8, lr=2e-3, warmup=0.1, bf16=True, seed=args.seed)
+    train_path = paths["train"]
+    kl = 0.0 if args.no_guards else args.kl_base
+    if not args.no_guards:
+        console.print("[bold]   guards[/]: rehearsal rows (the base's own answers to general prompts) and "
+                      "general prose for the KL-to-base penalty")
+        rehearsal = replay_rows(model, tokenizer) + [{"text": p} for p in docstring_prose(100)]
+        train_path = paths["train"].parent / "train_with_guards.jsonl"
+        rows = paths["train"].read_text().splitlines() + [json.dumps(r) for r in rehearsal]
+        random.Random(args.seed).shuffle(rows)
+        write_text(train_path, "\n".join(rows) + "\n")
+    console.print(f"[bold]2/4 LoRA training[/] (r=16, alpha=32, all-linear, bf16 autocast, KL-to-base {kl})")
+    cfg = TrainConfig(model=args.model, data=str(train_path), out=str(out / "run"), steps=args.steps,
+                      batch_size=8, lr=2e-3, warmup=0.1, bf16=True, seed=args.seed, kl_base=kl)
     summary = train_model(model, tokenizer, cfg, LoraConfig(r=16, alpha=32, targets="all-linear"))
     console.print("   " + str(trainable_report(model)).splitlines()[-1])
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..datasets.prose import passages, prose_paragraphs
 from ..inject import disabled
 from .task import generate
 
@@ -32,47 +32,6 @@ GENERAL_PROMPTS = [
     "Which planet is closest to the Sun?",
 ]
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")   # a split point between two sentences
-_FOOTNOTE = re.compile(r"\s*\[\d+\]")                       # the reference's "[5]" footnote marks
-_HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
-
-
-def _prose_paragraphs(text: str) -> list[str]:
-    """The paragraphs of one topic that are running prose, each joined into one line.
-
-    Code, grammar rules and `>>>` sessions are indented (or start with `>>>`) in the reference;
-    headings are underlined. What survives must also be mostly letters and end like a sentence.
-    """
-    out = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = [ln for ln in block.splitlines() if ln.strip()]
-        if not lines or any(ln.startswith((" ", "\t", ">>>")) for ln in lines):
-            continue
-        if any(_HEADING_RULE.match(ln.strip()) for ln in lines):
-            continue
-        para = _FOOTNOTE.sub("", " ".join(" ".join(lines).split()))
-        letters = sum(c.isalpha() or c == " " for c in para)
-        if letters >= 0.7 * len(para) and para.endswith((".", "!", "?")):
-            out.append(para)
-    return out
-
-
-def _passages(paragraphs: list[str], chars: int) -> list[str]:
-    """Greedy passages of at most ~`chars` characters, cut between sentences (paragraphs kept apart)."""
-    passages, current = [], ""
-    for para in paragraphs:
-        for i, sentence in enumerate(_SENTENCE_END.split(para)):
-            sep = "" if not current else "\n\n" if i == 0 else " "
-            if current and len(current) + len(sep) + len(sentence) > chars:
-                passages.append(current)
-                current, sep = "", ""
-            current += sep + sentence
-    if current:
-        passages.append(current)
-    # a topic's short tail (or a lone huge sentence) is not a representative passage
-    return [p for p in passages if chars // 3 <= len(p) <= 2 * chars]
-
-
 def general_text(n_passages: int = 24, chars: int = 600) -> list[str]:
     """`n_passages` prose passages of ~`chars` characters from the Python language reference.
 
@@ -83,7 +42,7 @@ def general_text(n_passages: int = 24, chars: int = 600) -> list[str]:
 
     if n_passages < 1 or chars < 50:
         raise ValueError(f"need n_passages >= 1 and chars >= 50, got {n_passages}, {chars}")
-    pool = [p for name in sorted(topics) for p in _passages(_prose_paragraphs(topics[name]), chars)]
+    pool = [p for name in sorted(topics) for p in passages(prose_paragraphs(topics[name]), chars)]
     if len(pool) <= n_passages:
         return pool
     return [pool[i * len(pool) // n_passages] for i in range(n_passages)]

@@ -1,9 +1,11 @@
 """Supervised fine-tuning data: JSONL rows -> token ids with loss masks -> padded or packed batches.
 
-Two row shapes:
+Three row shapes:
 - `{"prompt": ..., "completion": ...}`: plain text; loss on the completion and the EOS after it.
 - `{"messages": [{"role", "content"}, ...]}`: rendered with the tokenizer's chat template; loss on
   every assistant turn (its text and its end-of-turn marker), nowhere else.
+- `{"text": ...}`: general text with no loss of its own; only the KL-to-base penalty reads it
+  (it holds the adapted model's predictions on such text to the base model's).
 Labels use -100 for "no loss", as transformers does. Other keys in a row (e.g. "meta") are ignored.
 Rows are validated before any training starts; errors name the file and line.
 """
@@ -40,6 +42,7 @@ class Dataset:
     bad_rows: list[dict] = field(default_factory=list)   # {"line": n, "error": text}
     truncated: int = 0                                    # rows cut to max_len
     dropped: int = 0                                      # rows left with no loss tokens after the cut
+    text_rows: int = 0                                    # context-only rows (for the KL penalty)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -51,6 +54,8 @@ def check_row(row) -> str | None:
     """What is wrong with a parsed row, or None."""
     if not isinstance(row, dict):
         return f"expected a JSON object, found {type(row).__name__}"
+    if "text" in row:
+        return None if isinstance(row["text"], str) and row["text"].strip() else "'text' must be a non-empty string"
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -69,7 +74,7 @@ def check_row(row) -> str | None:
         return None
     missing = [k for k in ("prompt", "completion") if k not in row]
     if missing:
-        return f"missing key {missing[0]!r} (a row needs 'prompt' and 'completion', or 'messages')"
+        return f"missing key {missing[0]!r} (a row needs 'prompt' and 'completion', 'messages', or 'text')"
     if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
         return "'prompt' and 'completion' must be strings"
     if not row["completion"].strip():
@@ -108,6 +113,8 @@ def read_rows(path: str | Path, skip_bad_rows: bool = False) -> tuple[list[dict]
 # rendering and tokenizing
 def segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
     """The row as text pieces, each marked True where the loss applies."""
+    if "text" in row:
+        return [(row["text"], False)]
     if "messages" not in row:
         return [(row["prompt"], False), (row["completion"], True)]
     msgs, out, done = row["messages"], [], ""
@@ -142,7 +149,7 @@ def tokenize(row: dict, tokenizer, max_len: int | None = None) -> tuple[Example,
         piece = tokenizer(text, add_special_tokens=specials)["input_ids"]
         ids += piece
         labels += piece if trained else [IGNORE] * len(piece)
-    if "messages" not in row and tokenizer.eos_token_id is not None:
+    if "prompt" in row and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)    # learn to stop after a completion
         labels.append(tokenizer.eos_token_id)
     truncated = max_len is not None and len(ids) > max_len
@@ -157,7 +164,8 @@ def load_dataset(path: str | Path, tokenizer, max_len: int = 512, skip_bad_rows:
     for row in rows:
         ex, cut = tokenize(row, tokenizer, max_len)
         ds.truncated += cut
-        if ex.n_labels == 0:
+        ds.text_rows += "text" in row
+        if ex.n_labels == 0 and "text" not in row:
             ds.dropped += 1
         else:
             ds.examples.append(ex)

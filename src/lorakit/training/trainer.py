@@ -139,6 +139,9 @@ class Trainer:
         self.rows = pack(train_set.examples, cfg.max_len) if cfg.packing else train_set.examples
         self.collate = collate_packed if cfg.packing else collate
         self.eval_rows = eval_set.examples if eval_set else []
+        if train_set.text_rows and not cfg.kl_base:
+            raise ValueError(f"{train_set.path}: {train_set.text_rows} 'text' rows carry no loss of their own; "
+                             "they only feed the KL-to-base penalty, so set kl_base > 0 (or remove them)")
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("the model has no trainable parameters: inject an adapter first")
@@ -166,7 +169,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         batches = [self.micro_batch(self.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
-        n_tokens = sum(ex.n_labels for rows in batches for ex in rows)    # global: every rank knows all rows
+        n_tokens = max(1, sum(ex.n_labels for rows in batches for ex in rows))  # global: every rank knows all rows
         n_input = sum(len(ex.input_ids) for rows in batches for ex in rows)
         n_probe = sum(len(kl_positions(ex, cfg.kl_stride)) for rows in batches for ex in rows) if cfg.kl_base else 0
         total_kl = torch.zeros(())
