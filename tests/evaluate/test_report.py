@@ -17,9 +17,11 @@ def task(correct_flags, got=None):
 
 
 def regression(ppl_change=0.0, agreement=1.0):
-    prompts = [{"prompt": "What is 7 times 8?", "reference": "56", "adapted": "56" if agreement == 1 else "fifty-six",
-                "same": agreement == 1, "similarity": 1.0 if agreement == 1 else 0.2}]
-    return RegressionResult(10.0, 10.0 * (1 + ppl_change), ppl_change, prompts, agreement, 0.5)
+    """Four prompts, a fraction `agreement` of them kept (similarity 0.6 >= similar_at), the rest not (0.2)."""
+    kept = round(4 * agreement)
+    prompts = [{"prompt": "What is 7 times 8?", "reference": "56", "adapted": "56" if i < kept else "fifty-six",
+                "same": False, "similarity": 0.6 if i < kept else 0.2} for i in range(4)]
+    return RegressionResult(10.0, 10.0 * (1 + ppl_change), ppl_change, prompts, 0.0, 0.5)
 
 
 BEFORE = task([False] * 8 + [True] * 2)          # 20%
@@ -28,7 +30,7 @@ AFTER = task([True] * 9 + [False])               # 90%
 
 @pytest.mark.parametrize("field, value", [
     ("min_task_gain", 1.5), ("min_task_gain", float("nan")), ("max_ppl_increase", -0.1),
-    ("warn_ppl_increase", 0.01), ("min_agreement", 1.2), ("min_agreement", "high"),
+    ("warn_ppl_increase", 0.01), ("min_agreement", 1.2), ("min_agreement", "high"), ("similar_at", 0.0),
 ])
 def test_thresholds_are_validated_by_name(field, value):
     with pytest.raises(ValueError, match=field):
@@ -51,7 +53,7 @@ def test_thresholds_are_validated_by_name(field, value):
 def test_verdict_branches(before, after, reg, expected, words):
     v = verdict(before, after, reg, T)
     assert v["verdict"] == expected
-    assert v["ppl_change"] == reg.ppl_change and v["agreement"] == reg.agreement
+    assert v["ppl_change"] == reg.ppl_change and v["agreement"] == sum(p["similarity"] >= 0.5 for p in reg.prompts) / 4
     assert v["task_gain"] == (None if before is None else pytest.approx(after.accuracy - before.accuracy))
     assert bool(v["reasons"]) == (expected != "PASS")
     for w in words:
@@ -76,7 +78,7 @@ def test_write_report(tmp_path):
     text = md.read_text()
     assert text.startswith("# lorakit eval: **WARN**") and "max_ppl_increase" in text
     assert "20.0% [5.7%, 51.0%] (2/10)" in text and "90.0% [59.6%, 98.2%] (9/10)" in text   # Wilson 2/10, 9/10
-    assert "+70.0 points" in text and "| 10.000 | 10.700 | +7.00% |" in text and "1/1 (100%)" in text
+    assert "+70.0 points" in text and "| 10.000 | 10.700 | +7.00% |" in text and "| 100% | identical text 0/4" in text
     assert "a\\|b" in text                                    # pipes are escaped inside tables
     # three examples, the ones the adapter fixed first (rows 0..6 were wrong before, right after)
     assert text.count("- expected:") == 3

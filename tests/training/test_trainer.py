@@ -155,3 +155,17 @@ def test_text_rows_need_the_kl_penalty(tmp_path):
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), steps=2, batch_size=2, kl_base=1.0, progress=False)
     summary = train_model(tiny_model("llama"), tiny_tokenizer(), cfg, LoraConfig(r=2, targets="qv"))
     assert summary["steps"] == 2
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, carrier):
+    _, plain = _run(tmp_path, carrier, "plain", steps=3)
+    _, ckpt = _run(tmp_path, carrier, "ckpt", steps=3, grad_checkpointing=True)
+    assert _max_diff(plain, ckpt) <= 1e-6
+
+
+def test_device_must_exist():
+    from lorakit.training.run import resolve_device
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")

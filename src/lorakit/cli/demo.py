@@ -114,7 +114,7 @@ def run(args) -> int:
     t.add_row("held-out routing accuracy (95% CI)", f"{before.accuracy:.1%} [{before.low:.0%}, {before.high:.0%}]",
               f"{after.accuracy:.1%} [{after.low:.0%}, {after.high:.0%}]")
     t.add_row("general-prose perplexity", f"{regression.ppl_off:.3f}", f"{regression.ppl_on:.3f} ({regression.ppl_change:+.2%})")
-    t.add_row("general prompts unchanged", "", f"{regression.agreement:.0%}")
+    t.add_row(f"general prompts kept (similarity >= {thresholds.similar_at})", "", f"{decision['agreement']:.0%}")
     console.print(t)
     color = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}[decision["verdict"]]
     console.print(f"verdict: [bold {color}]{decision['verdict']}[/]" + "".join(f"\n  - {r}" for r in decision["reasons"]))

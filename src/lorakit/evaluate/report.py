@@ -30,9 +30,12 @@ class Thresholds:
         "help": "FAIL above this relative perplexity increase on general text"})
     min_agreement: float = field(default=0.5, metadata={
         "help": "WARN when fewer general prompts than this fraction keep the base model's answer"})
+    similar_at: float = field(default=0.5, metadata={
+        "help": "a general-prompt answer is kept when its similarity to the base answer (difflib ratio, "
+                "1.0 = identical text) is at least this"})
 
     def __post_init__(self):
-        for name in ("min_task_gain", "max_ppl_increase", "warn_ppl_increase", "min_agreement"):
+        for name in ("min_task_gain", "max_ppl_increase", "warn_ppl_increase", "min_agreement", "similar_at"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -45,6 +48,19 @@ class Thresholds:
                              f"({self.max_ppl_increase}): it is the FAIL line above the WARN line")
         if not 0 <= self.min_agreement <= 1:
             raise ValueError(f"min_agreement must be a fraction in [0, 1], got {self.min_agreement}")
+        if not 0 < self.similar_at <= 1:
+            raise ValueError(f"similar_at must be in (0, 1], got {self.similar_at}")
+
+
+def kept(regression: RegressionResult, thresholds: Thresholds) -> float:
+    """Fraction of general prompts whose adapted answer stays close to the base answer.
+
+    Greedy answers may change wording without losing anything (\"is made up of 7 days\" for
+    \"is approximately 7 days\"); a broken model answers with nothing or with task output.
+    """
+    if not regression.prompts:
+        return 1.0
+    return sum(p["similarity"] >= thresholds.similar_at for p in regression.prompts) / len(regression.prompts)
 
 
 def verdict(task_before: TaskResult | None, task_after: TaskResult, regression: RegressionResult,
@@ -66,11 +82,12 @@ def verdict(task_before: TaskResult | None, task_after: TaskResult, regression: 
     if gain is not None and gain < t.min_task_gain - 1e-9:
         fails.append(f"task accuracy changed {100 * gain:+.1f} points ({task_before.accuracy:.1%} -> "
                      f"{task_after.accuracy:.1%}), below min_task_gain = {100 * t.min_task_gain:+.1f} points")
-    if regression.agreement < t.min_agreement:
-        warns.append(f"only {regression.agreement:.0%} of general prompts kept the base model's answer, "
-                     f"below min_agreement = {t.min_agreement:.0%}")
+    agreement = kept(regression, t)
+    if agreement < t.min_agreement:
+        warns.append(f"only {agreement:.0%} of general prompts kept the base model's answer (similarity >= "
+                     f"{t.similar_at:.2f}), below min_agreement = {t.min_agreement:.0%}")
     return {"verdict": "FAIL" if fails else "WARN" if warns else "PASS", "task_gain": gain, "ppl_change": ppl,
-            "agreement": regression.agreement, "reasons": fails + warns}
+            "agreement": agreement, "reasons": fails + warns}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +138,8 @@ def render_markdown(before: TaskResult | None, after: TaskResult | None, regress
         lines += ["## General ability", "",
                   "| | adapter off | adapter on | change |", "|---|---|---|---|",
                   f"| perplexity on general text | {r.ppl_off:.3f} | {r.ppl_on:.3f} | {r.ppl_change:+.2%} |",
-                  f"| general prompts unchanged | | {same}/{len(r.prompts)} ({r.agreement:.0%}) | "
+                  f"| general prompts kept (similarity >= {thresholds.similar_at:.2f}) | | "
+                  f"{kept(r, thresholds):.0%} | identical text {same}/{len(r.prompts)}, "
                   f"mean similarity {r.mean_similarity:.2f} |", ""]
         if r.prompts:
             lines += ["| prompt | base answer | adapted answer | same |", "|---|---|---|---|"]

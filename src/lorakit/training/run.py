@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -45,19 +46,34 @@ def train(**kwargs) -> dict:
     cfg, method_cfg = split_kwargs(kwargs)
     if cfg.data is None:
         raise ValueError("train needs data=<path to a JSONL file>")
-    memory = PeakMemory().start()
+    device = resolve_device(cfg.device)
+    memory = PeakMemory(device).start()
     model, tokenizer = load_base(cfg.model, dtype=cfg.dtype)
+    model.to(device)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model!r} has no tokenizer; training needs one")
     return train_model(model, tokenizer, cfg, method_cfg, memory)
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available")
+    return device
+
+
 def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemory | None = None,
                 adapter: str = "default") -> dict:
     """The run on an already-loaded model (tests and sweeps reuse a base this way)."""
-    memory = memory or PeakMemory().start()
+    memory = memory or PeakMemory(next(model.parameters()).device).start()
     train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.skip_bad_rows)
     eval_set = load_dataset(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else None
+    if distributed.is_main():
+        print(f"data: {len(train_set)} rows from {cfg.data} ({train_set.truncated} cut to max_len={cfg.max_len}, "
+              f"{train_set.dropped} dropped with no loss tokens left, {len(train_set.bad_rows)} bad rows skipped, "
+              f"{train_set.text_rows} text rows for the KL guard)", file=sys.stderr)
     out = Path(cfg.out)
     resume_from = None
     if cfg.resume:

@@ -62,6 +62,7 @@ class TrainConfig:
     kl_base: float = field(default=0.0, metadata=_doc("weight of a KL penalty holding predictions on input tokens to the base model's"))
     kl_stride: int = field(default=2, metadata=_doc("apply the KL penalty at every N-th input position"))
     dtype: str = field(default="float32", metadata=_doc("base model dtype: float32, bfloat16, float16"))
+    device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
     progress: bool = field(default=True, metadata=_doc("show a progress bar"))
 
     def __post_init__(self):
