@@ -71,6 +71,6 @@ def test_demo_pipeline_on_embedded(embedded_folder, tmp_path, capsys):
     assert code in (0, 1) and "held-out routing accuracy" in out and "verdict:" in out
     run = tmp_path / "demo" / "run"
     report = json.loads((run / "eval_report.json").read_text())
-    assert report["regression"]["ppl_off"] > 1 and report["after"]["n"] == 6
+    assert report["regression"]["ppl_off"] > 1 and report["task"]["after"]["n"] == 6
     for name in ("adapter/adapter_model.safetensors", "eval_report.md", "loss.png", "metrics.jsonl", "summary.json"):
         assert (run / name).is_file(), name

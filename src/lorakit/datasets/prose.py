@@ -75,12 +75,11 @@ def docstring_prose(n: int = 100, chars: int = 400, seed: int = 0) -> list[str]:
             module = importlib.import_module(name)
         except ImportError:  # a Python built without some module (e.g. no sqlite3)
             continue
-        with warnings.catch_warnings():  # getmembers touches deprecated aliases (typing.io, ...)
+        with warnings.catch_warnings():  # reading members touches deprecated aliases (typing.io, ...)
             warnings.simplefilter("ignore", DeprecationWarning)
-            members = inspect.getmembers(module)
-        docs = [module.__doc__ or ""] + [inspect.getdoc(obj) or "" for _, obj in members
-                                         if (inspect.isclass(obj) or inspect.isfunction(obj))
-                                         and getattr(obj, "__module__", None) == module.__name__]
+            docs = [module.__doc__ or ""] + [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(module)
+                                             if (inspect.isclass(obj) or inspect.isfunction(obj))
+                                             and getattr(obj, "__module__", None) == module.__name__]
         for doc in docs:
             paragraphs += prose_paragraphs(doc)
     pool = passages(paragraphs, chars)

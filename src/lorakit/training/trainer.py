@@ -155,7 +155,10 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         if cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- data order ----------------------------------------------------------------------------
     def micro_batch(self, k: int) -> list:
