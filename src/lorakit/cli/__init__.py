@@ -5,10 +5,10 @@ import argparse
 import logging
 import sys
 
-from . import demo, inspect, merge, train
+from . import demo, inspect, merge, plan, train
 from . import eval as eval_cmd  # a plain `eval` would shadow the builtin here
 
-COMMANDS = {"train": train, "inspect": inspect, "merge": merge, "demo": demo, "eval": eval_cmd}
+COMMANDS = {"train": train, "eval": eval_cmd, "plan": plan, "inspect": inspect, "merge": merge, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:

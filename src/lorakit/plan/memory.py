@@ -1,0 +1,132 @@
+"""Parameter and memory arithmetic for a fine-tuning plan, in closed form.
+
+Model states follow the seed's recipes: full fine-tuning keeps fp16 weights and gradients and
+two fp32 Adam moments per parameter (12 bytes), plus an fp32 master copy in the 16-byte recipe.
+LoRA keeps the frozen base at its storage precision (the "floor") and pays the recipe only on
+adapter parameters. QLoRA stores quantized layers as NF4: 4 bits per weight plus quantization
+constants, 0.5 bit/param for an fp32 absmax per 64-block, or 8/64 + 32/(64*256) = 0.127 bit/param
+with double quantization (Dettmers et al., 2023, arXiv:2305.14314, sec. 3).
+
+Memory units: GB = 1e9 bytes, as the seed's tables use. Nothing here touches real weights: shapes
+come from instantiating the model on the meta device, and the adapter count from injecting into it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+RECIPES = {  # bytes per trainable parameter: weights + gradients + Adam moments (+ master copy)
+    "12-byte": {"weights": 2, "gradients": 2, "optimizer": 8, "master": 0},
+    "16-byte": {"weights": 2, "gradients": 2, "optimizer": 8, "master": 4},
+}
+NF4_BITS = 4
+QUANT_CONSTANT_BITS = {"absmax-fp32": 32 / 64, "double-quant": 8 / 64 + 32 / (64 * 256)}
+METHODS = ("full", "lora", "dora", "qlora")
+GB = 1e9
+
+
+def parse_count(text: str) -> int:
+    """'70B' -> 70e9, '135M' -> 135e6, '4096' -> 4096."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBT]?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--params {text!r}: expected a number with an optional K, M, B or T suffix (e.g. 70B)")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2).upper()]
+    return int(round(float(m.group(1)) * scale))
+
+
+def lora_params(d_in: int, d_out: int, r: int) -> int:
+    """A (r x d_in) + B (d_out x r)."""
+    return r * (d_in + d_out)
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes by component, each with the formula that produced it."""
+
+    lines: list = field(default_factory=list)   # (component, bytes, formula)
+
+    def add(self, component: str, nbytes: float, formula: str) -> None:
+        self.lines.append((component, nbytes, formula))
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b, _ in self.lines)
+
+    def to_dict(self) -> dict:
+        return {"components": [{"component": c, "bytes": b, "gb": b / GB, "formula": f} for c, b, f in self.lines],
+                "total_bytes": self.total, "total_gb": self.total / GB}
+
+
+def model_states(total: int, trainable: int, method: str, recipe: str = "12-byte", frozen_bytes: float = 2,
+                 quantized: int = 0, double_quant: bool = True) -> MemoryPlan:
+    """Weights, gradients, optimizer state and master copy for `method` under `recipe`.
+
+    total: all parameters of the base; trainable: adapter parameters (ignored for full);
+    quantized: how many base parameters QLoRA stores in NF4 (the rest stay at `frozen_bytes`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe {recipe!r}: expected one of {sorted(RECIPES)}")
+    rec, plan = RECIPES[recipe], MemoryPlan()
+    if method == "full":
+        for part in ("weights", "gradients", "optimizer", "master"):
+            if rec[part]:
+                plan.add(part, total * rec[part], f"{total:,} params x {rec[part]} B")
+        return plan
+    if method == "qlora":
+        c = QUANT_CONSTANT_BITS["double-quant" if double_quant else "absmax-fp32"]
+        plan.add("frozen weights (NF4 payload)", quantized * NF4_BITS / 8, f"{quantized:,} params x 4 bit")
+        plan.add("quantization constants", quantized * c / 8,
+                 f"{quantized:,} params x {c:.3f} bit ({'double quantization' if double_quant else 'fp32 absmax per 64'})")
+        if total - quantized:
+            plan.add("frozen weights (not quantized)", (total - quantized) * frozen_bytes,
+                     f"{total - quantized:,} params x {frozen_bytes:g} B")
+    else:
+        plan.add("frozen weights", total * frozen_bytes, f"{total:,} params x {frozen_bytes:g} B")
+    for part in ("weights", "gradients", "optimizer", "master"):
+        if rec[part]:
+            plan.add(f"adapter {part}", trainable * rec[part], f"{trainable:,} adapter params x {rec[part]} B")
+    return plan
+
+
+def tenant_storage(base_gb: float, adapter_mb: float, tenants: int) -> dict:
+    """N merged full checkpoints vs one base + N adapters (MB -> GB at 1024, as the seed computes it)."""
+    if tenants < 1:
+        raise ValueError(f"--tenants {tenants}: expected >= 1")
+    merged = base_gb * tenants
+    shared = base_gb + adapter_mb * tenants / 1024
+    return {"tenants": tenants, "base_gb": base_gb, "adapter_mb": adapter_mb, "merged_full_models_gb": merged,
+            "shared_base_plus_adapters_gb": shared, "reduction_x": merged / shared}
+
+
+def rank_table(params_at_reference: int, reference_rank: int = 16, ranks=(4, 8, 16, 64, 256)) -> list[dict]:
+    """Adapter parameters scale linearly with r for fixed targets."""
+    return [{"r": r, "params": params_at_reference * r // reference_rank, "relative": r / reference_rank}
+            for r in ranks]
+
+
+def matrix_plan(d_in: int, d_out: int, r: int, method: str = "lora", dtype_bytes: int = 2) -> dict:
+    """One projection: full vs adapter parameters, ratio, bytes at fp16, DoRA's magnitude vector."""
+    if r < 1:
+        raise ValueError(f"--rank {r}: expected an integer >= 1")
+    full, lora = d_in * d_out, lora_params(d_in, d_out, r)
+    out = {"d_in": d_in, "d_out": d_out, "r": r, "full_params": full, "lora_params": lora,
+           "percent_of_full": 100 * lora / full, "full_bytes": full * dtype_bytes, "lora_bytes": lora * dtype_bytes}
+    if method == "dora":
+        out.update(dora_magnitude_params=d_out, dora_extra_vs_lora_percent=100 * d_out / lora)
+    return out
+
+
+def activation_bytes_per_layer(tokens: int, hidden: int, kv_dim: int, intermediate: int, dtype_bytes: int = 4,
+                               checkpointing: bool = False) -> float:
+    """Activations autograd keeps for one decoder layer (RMSNorm, RoPE, SDPA, SwiGLU MLP).
+
+    Korthikanti et al., 2022 (arXiv:2205.05198, sec. 4.1) count 34*s*b*h bytes per layer for a
+    GPT block in fp16 with flash-style attention. The same census for a Llama block, in elements
+    per token: residual inputs of the two norms (2h), their outputs (2h), q, k, v before and after
+    RoPE and the attention output (2h + 4*kv + 2h), the o_proj input copy (h), and the MLP's gate,
+    up, SiLU(gate) and product (4i). With checkpointing only the layer input (h) is kept.
+    """
+    per_token = hidden if checkpointing else 7 * hidden + 4 * kv_dim + 4 * intermediate
+    return tokens * per_token * dtype_bytes

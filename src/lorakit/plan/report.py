@@ -1,0 +1,128 @@
+"""`lorakit plan`: the arithmetic of `memory.py` applied to a real model config, as tables or JSON.
+
+The model is built on the meta device (shapes, no weights) from its config, and the adapter is
+counted by injecting into it with the same targeting code training uses, so the planned trainable
+count is the one `trainable_report` will show on the real model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from ..config import LoraConfig
+from ..inject import inject, trainable_report
+from ..methods.base import linear_shape
+from ..models import EMBEDDED, TINY_FAMILIES, model_class, resolve_folder, tiny_config
+from ..targets import TargetError, kind, resolve
+from . import memory as mem
+
+TINY_CLASSES = {"bert": "BertForSequenceClassification", "gpt2": "GPT2LMHeadModel"}
+
+
+def load_config(ref: str):
+    ref = str(ref)
+    if ref.startswith("tiny-") and ref[5:] in TINY_FAMILIES:
+        config = tiny_config(ref[5:])
+        config.architectures = [TINY_CLASSES.get(ref[5:], type(config).__name__.replace("Config", "ForCausalLM"))]
+        return config
+    path = Path(ref)
+    if path.suffix == ".gguf" and ref.lower() != EMBEDDED:   # read the metadata only, no conversion
+        return transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    folder = resolve_folder(ref)
+    try:
+        return transformers.AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{folder / 'config.json'}: not a usable model config ({e})") from None
+
+
+def meta_model(config, ref: str = ""):
+    try:
+        with torch.device("meta"):
+            return model_class(config)(config)
+    except Exception as e:  # transformers raises many types for configs it cannot build
+        raise ValueError(f"cannot derive layer shapes from the config of {ref!r}: {e}") from None
+
+
+def _needed(config, *names):
+    missing = [n for n in names if getattr(config, n, None) is None]
+    if missing:
+        raise ValueError(f"the model config lacks {missing}, which the activation estimate needs")
+    return [getattr(config, n) for n in names]
+
+
+def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", method: str = "lora",
+               recipe: str = "12-byte", frozen_bytes: float = 2, seq_len: int = 512, micro_batch: int = 1,
+               grad_checkpointing: bool = False, activation_bytes: int = 2, double_quant: bool = True) -> dict:
+    if method not in mem.METHODS:
+        raise ValueError(f"--method {method!r}: expected one of {mem.METHODS}")
+    config = load_config(ref)
+    model = meta_model(config, ref)
+    total = sum(p.numel() for p in model.parameters())
+    cfg = LoraConfig(r=r, alpha=alpha, targets=targets)        # validates r, alpha, targets
+    adapted = resolve(model, cfg.targets, cfg.exclude)
+    shapes = {n: linear_shape(model.get_submodule(n)) for n in adapted}
+    by_kind: dict[str, dict] = {}
+    for n, (d_in, d_out) in shapes.items():
+        row = by_kind.setdefault(kind(n), {"modules": 0, "d_in": d_in, "d_out": d_out, "lora_params_per_module":
+                                           mem.lora_params(d_in, d_out, cfg.rank_for(n)), "params": 0})
+        row["modules"] += 1
+        row["params"] += mem.lora_params(d_in, d_out, cfg.rank_for(n))
+    # what QLoRA quantizes (every linear layer in the blocks, never the head) and the targets table,
+    # read before injection changes the modules
+    quantized = sum(d_in * d_out for d_in, d_out in (linear_shape(model.get_submodule(n))
+                                                     for n in resolve(model, "all-linear")))
+    targets_table = {}
+    for preset in ("qv", "all-linear"):
+        try:
+            targets_table[preset] = sum(mem.lora_params(*linear_shape(model.get_submodule(n)), r)
+                                        for n in resolve(model, preset))
+        except TargetError:
+            targets_table[preset] = None
+    if targets_table["qv"] and targets_table["all-linear"]:
+        targets_table["all_linear_vs_qv"] = targets_table["all-linear"] / targets_table["qv"]
+    inject(model, cfg)
+    trainable = trainable_report(model).trainable if method != "full" else total
+    dora_extra = sum(d_out for _, d_out in shapes.values())
+    if method == "dora":
+        trainable += dora_extra
+    states = mem.model_states(total, trainable, method, recipe, frozen_bytes, quantized if method == "qlora" else 0,
+                              double_quant)
+    activations = None
+    if getattr(config, "model_type", None) in ("llama", "mistral", "qwen2", "qwen3"):
+        hidden, layers, heads, inter = _needed(config, "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "intermediate_size")
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+        tokens = seq_len * micro_batch
+        per_layer = mem.activation_bytes_per_layer(tokens, hidden, kv_dim, inter, activation_bytes, grad_checkpointing)
+        activations = {"per_layer_bytes": per_layer, "layers": layers, "bytes": per_layer * layers,
+                       "formula": f"{layers} layers x {tokens} tokens x "
+                                  f"{'h' if grad_checkpointing else '(7h + 4kv + 4i)'} x {activation_bytes} B"}
+        states.add("activations", activations["bytes"], activations["formula"])
+    adapter_bytes = (trainable if method != "full" else 0) * activation_bytes
+    return {
+        "model": str(ref), "architecture": type(model).__name__, "method": method, "recipe": recipe,
+        "r": r, "alpha": alpha, "targets": targets,
+        "parameters": {"total": total, "trainable": trainable, "percent": 100 * trainable / total,  # of the base
+                       "adapted_modules": len(adapted), "by_kind": by_kind,
+                       "dora_extra_magnitude": dora_extra},
+        "memory": states.to_dict(),
+        "adapter_file_bytes": adapter_bytes,
+        "rank_table": mem.rank_table(targets_table["all-linear"] * 16 // r if targets_table["all-linear"] else 0),
+        "targets_table": targets_table,
+    }
+
+
+def plan_params(count: int, recipe: str = "12-byte", double_quant: bool = True) -> dict:
+    """The seed's headline tables for a model known only by its parameter count."""
+    out = {"params": count}
+    for name in mem.RECIPES:
+        out[f"full_{name}_gb"] = mem.model_states(count, 0, "full", name).total / mem.GB
+    out["lora_fp16_floor_gb"] = count * 2 / mem.GB
+    out["nf4_payload_gb"] = count * mem.NF4_BITS / 8 / mem.GB
+    c = mem.QUANT_CONSTANT_BITS["double-quant" if double_quant else "absmax-fp32"]
+    out["nf4_with_constants_gb"] = count * (mem.NF4_BITS + c) / 8 / mem.GB
+    out["quant_constant_bits"] = c
+    return out
