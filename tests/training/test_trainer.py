@@ -169,3 +169,12 @@ def test_device_must_exist():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_summary_records_the_planned_memory_beside_the_measured_peak(tmp_path, carrier):
+    summary, _ = _run(tmp_path, carrier, "planned", steps=1)
+    planned = summary["planned_memory"]
+    assert planned["recipe"] == "fp32" and planned["total_bytes"] > 0
+    names = [c["component"] for c in planned["components"]]
+    assert names[:2] == ["frozen weights", "adapter weights"] and "activations" in names
+    assert planned["measured_over_planned"] == summary["peak_memory"]["peak_above_baseline_bytes"] / planned["total_bytes"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 RECIPES = {  # bytes per trainable parameter: weights + gradients + Adam moments (+ master copy)
     "12-byte": {"weights": 2, "gradients": 2, "optimizer": 8, "master": 0},
     "16-byte": {"weights": 2, "gradients": 2, "optimizer": 8, "master": 4},
+    # what lorakit's own trainer keeps for adapters: fp32 weights, fp32 gradients, fp32 Adam moments
+    "fp32": {"weights": 4, "gradients": 4, "optimizer": 8, "master": 0},
 }
 NF4_BITS = 4
 QUANT_CONSTANT_BITS = {"absmax-fp32": 32 / 64, "double-quant": 8 / 64 + 32 / (64 * 256)}

@@ -54,10 +54,12 @@ def _needed(config, *names):
 
 def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", method: str = "lora",
                recipe: str = "12-byte", frozen_bytes: float = 2, seq_len: int = 512, micro_batch: int = 1,
-               grad_checkpointing: bool = False, activation_bytes: int = 2, double_quant: bool = True) -> dict:
+               grad_checkpointing: bool = False, activation_bytes: int = 2, double_quant: bool = True,
+               config=None) -> dict:
+    """The plan for model `ref` (or for an already-loaded `config`, whose `architectures` names the class)."""
     if method not in mem.METHODS:
         raise ValueError(f"--method {method!r}: expected one of {mem.METHODS}")
-    config = load_config(ref)
+    config = config if config is not None else load_config(ref)
     model = meta_model(config, ref)
     total = sum(p.numel() for p in model.parameters())
     cfg = LoraConfig(r=r, alpha=alpha, targets=targets)        # validates r, alpha, targets

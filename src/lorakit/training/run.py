@@ -107,6 +107,10 @@ def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemo
                  "bad_rows": len(train_set.bad_rows), "packed_rows": len(trainer.rows) if cfg.packing else None},
         "peak_memory": memory.summary(),
     }
+    summary["planned_memory"] = _planned(model, cfg, method_cfg, train_set)
+    if "total_bytes" in summary["planned_memory"]:
+        measured = summary["peak_memory"]["peak_above_baseline_bytes"]
+        summary["planned_memory"]["measured_over_planned"] = measured / summary["planned_memory"]["total_bytes"]
     if distributed.is_main():
         write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_loss(history, out / "loss.png")
@@ -131,3 +135,24 @@ def plot_loss(history: list[dict], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _planned(model, cfg: TrainConfig, method_cfg, train_set) -> dict:
+    """The planner's prediction for this run's configuration, recorded beside the measured peak."""
+    import copy
+
+    from ..plan.report import plan_model
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]      # plan exactly this model, whatever cfg.model says
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.dtype, 4)
+    seq = max(len(e.input_ids) for e in train_set.examples)
+    try:
+        plan = plan_model(cfg.model, r=method_cfg.r, alpha=method_cfg.alpha, targets=method_cfg.targets,
+                          method=cfg.method, recipe="fp32", frozen_bytes=dtype_bytes, seq_len=seq,
+                          micro_batch=cfg.batch_size, grad_checkpointing=cfg.grad_checkpointing,
+                          activation_bytes=2 if cfg.bf16 else dtype_bytes, config=config)
+    except (ValueError, OSError) as e:   # e.g. a model class transformers cannot rebuild from its config
+        return {"error": str(e)}
+    return {"total_bytes": plan["memory"]["total_bytes"], "components": plan["memory"]["components"],
+            "recipe": "fp32", "seq_len": seq, "micro_batch": cfg.batch_size}
