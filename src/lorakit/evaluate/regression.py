@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..datasets.prose import passages, prose_paragraphs
 from ..inject import disabled
-from .task import generate
+from .task import generate, inference
 
 GENERAL_PROMPTS = [
     "What is the capital of France?",
@@ -68,26 +68,21 @@ def perplexity(model, tokenizer, texts: list[str], max_len: int = 256, batch_siz
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, len(encoded), batch_size), desc="perplexity", disable=not progress, leave=False):
-                chunk = encoded[start:start + batch_size]
-                width = max(len(e) for e in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, e in enumerate(chunk):          # right padding: real tokens keep positions 0..n-1
-                    ids[i, :len(e)] = torch.tensor(e, dtype=torch.long)
-                    mask[i, :len(e)] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()   # (B, T-1, V)
-                target, keep = ids[:, 1:], mask[:, 1:].bool()                                # (B, T-1)
-                loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")      # (B, T-1)
-                nll += loss[keep].double().sum().item()
-                count += int(keep.sum())
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for start in tqdm(range(0, len(encoded), batch_size), desc="perplexity", disable=not progress, leave=False):
+            chunk = encoded[start:start + batch_size]
+            width = max(len(e) for e in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, e in enumerate(chunk):          # right padding: real tokens keep positions 0..n-1
+                ids[i, :len(e)] = torch.tensor(e, dtype=torch.long)
+                mask[i, :len(e)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()   # (B, T-1, V)
+            target, keep = ids[:, 1:], mask[:, 1:].bool()                                # (B, T-1)
+            loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")      # (B, T-1)
+            nll += loss[keep].double().sum().item()
+            count += int(keep.sum())
     if count == 0:
         raise ValueError("perplexity needs at least one text of two or more tokens")
     return math.exp(nll / count)

@@ -7,6 +7,7 @@ module knows nothing about adapters: to score the base, call it inside `lorakit.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import string
@@ -21,6 +22,18 @@ from ..training.data import prompt_text
 # bold/backtick decorations, which small chat models like to wrap codes in.
 _EDGE = string.punctuation + string.whitespace + "\u201c\u201d\u2018\u2019\u00ab\u00bb"
 _PROMPT_CHARS = 300   # records keep a readable excerpt of the question, not the whole rendered prompt
+
+
+@contextlib.contextmanager
+def inference(model):
+    """eval mode and no gradients for the block; the model's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,20 +74,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, bat
     # Batch prompts of similar length together (less padding); answers go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
-                chunk = order[start:start + batch_size]
-                ids, mask = _left_pad([encoded[i] for i in chunk], pad_id)
-                new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=eos or None, pad_token_id=pad_id)[:, ids.shape[1]:]   # (B, new)
-                for i, row in zip(chunk, new):
-                    out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
+            chunk = order[start:start + batch_size]
+            ids, mask = _left_pad([encoded[i] for i in chunk], pad_id)
+            new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos or None, pad_token_id=pad_id)[:, ids.shape[1]:]   # (B, new)
+            for i, row in zip(chunk, new):
+                out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return out
 
 
