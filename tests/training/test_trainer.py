@@ -114,13 +114,11 @@ def test_config_errors_name_the_field():
 
 
 def test_kl_to_base_matches_an_independent_base_copy():
-    from lorakit.training.trainer import kl_positions, loss_and_kl_sum
+    from lorakit.training.trainer import kl_mask, kl_positions, loss_and_kl_sum
     tok = tiny_tokenizer()
     rows = [tokenize(ROW, tok)[0], tokenize({"prompt": "abcdef", "completion": "gh"}, tok)[0]]
     batch = collate(rows, tok.pad_token_id)
-    batch["kl_mask"] = torch.zeros(2, batch["labels"].shape[1] - 1, dtype=torch.bool)
-    for i, ex in enumerate(rows):
-        batch["kl_mask"][i, kl_positions(ex, 2)] = True
+    batch["kl_mask"] = kl_mask(rows, batch["labels"].shape[1], 2)
     model = lk.inject(tiny_model("llama"), LoraConfig(r=4, targets="all-linear"))
     ce0, kl0 = loss_and_kl_sum(model, batch)
     assert kl0.item() == 0.0                                   # B = 0: the adapter is the base

@@ -129,6 +129,14 @@ def kl_positions(ex, stride: int) -> list[int]:
     return [t for t in range(0, len(ex.input_ids) - 1, stride) if ex.labels[t + 1] == IGNORE]
 
 
+def kl_mask(rows, width: int, stride: int) -> torch.Tensor:
+    """(B, width-1) bool mask of the KL positions of each row in a batch padded to `width`."""
+    mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)
+    for i, ex in enumerate(rows):
+        mask[i, kl_positions(ex, stride)] = True
+    return mask
+
+
 class Trainer:
     def __init__(self, model: nn.Module, tokenizer, train_set: Dataset, cfg: TrainConfig,
                  eval_set: Dataset | None = None, adapter: str = "default"):
@@ -186,9 +194,7 @@ class Trainer:
                 continue
             batch = self.collate(mine, self.pad_id)
             if n_probe:
-                batch["kl_mask"] = torch.zeros(batch["labels"].shape[0], batch["labels"].shape[1] - 1, dtype=torch.bool)
-                for i, ex in enumerate(mine):
-                    batch["kl_mask"][i, kl_positions(ex, cfg.kl_stride)] = True
+                batch["kl_mask"] = kl_mask(mine, batch["labels"].shape[1], cfg.kl_stride)
             batch = {k: v.to(self._device()) for k, v in batch.items()}
             with autocast:
                 if n_probe:
