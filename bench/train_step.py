@@ -52,7 +52,11 @@ def worker(lib: str, args) -> dict:
     model, tokenizer = lk.load_base(args.model)
     data = batch(tokenizer, args.batch, args.seq)
     if lib == "lorakit":
+        from lorakit.training.memory import return_freed_memory
         from lorakit.training.trainer import loss_sum
+
+        if args.release_memory:
+            return_freed_memory()   # what the Trainer does with --release-memory
 
         lk.inject(model, lk.LoraConfig(r=args.r, alpha=2 * args.r, targets="all-linear"))
 
@@ -94,6 +98,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=2, help="fresh processes per library, alternating")
+    p.add_argument("--release-memory", action="store_true", help="lorakit's opt-in glibc mmap threshold")
     p.add_argument("--out", default="bench/results/train_step.json")
     p.add_argument("--worker", choices=["lorakit", "peft"])
     args = p.parse_args()

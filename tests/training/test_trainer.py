@@ -176,3 +176,17 @@ def test_summary_records_the_planned_memory_beside_the_measured_peak(tmp_path, c
     names = [c["component"] for c in planned["components"]]
     assert names[:2] == ["frozen weights", "adapter weights"] and "activations" in names
     assert planned["measured_over_planned"] == summary["peak_memory"]["peak_above_baseline_bytes"] / planned["total_bytes"]
+
+
+def test_release_memory_option(tmp_path, carrier, monkeypatch):
+    import subprocess
+    import sys
+
+    from lorakit.training import trainer
+    calls = []
+    monkeypatch.setattr(trainer, "return_freed_memory", lambda: calls.append(1))   # keep this process's malloc as is
+    _run(tmp_path, carrier, "released", steps=1, release_memory=True)
+    assert calls == [1]
+    probe = "from lorakit.training.memory import return_freed_memory as f; print(f())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() in ("True", "False")          # False only off glibc, where there is nothing to tune

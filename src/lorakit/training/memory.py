@@ -2,9 +2,19 @@
 
 On Linux, writing "5" to /proc/self/clear_refs resets the kernel's high-water mark (VmHWM), so a
 measurement can start from "now" instead of from process start.
+
+glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), after
+which activation-sized tensors come from the heap and their memory stays with the process when
+freed: on SmolLM2 that inflates training RSS by ~0.9 GB over what autograd actually keeps.
+`return_freed_memory()` (the trainer's `release_memory` option) pins the threshold, as
+MALLOC_MMAP_THRESHOLD_ would, so blocks of 64 KiB and more are mmapped and go back to the OS on
+free. Measured on SmolLM2, 4x128 tokens: peak RSS 2.15 -> 1.39 GB, step time 2.05 -> 3.9 s (every
+step faults its activations in afresh), hence opt-in.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 from pathlib import Path
 
@@ -21,6 +31,20 @@ def _status_kb(key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (malloc.h)
+
+
+def return_freed_memory(threshold: int = 64 * 1024) -> bool:
+    """Serve allocations >= `threshold` bytes with mmap, so freed tensors leave RSS. glibc only."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, threshold) == 1
+    except (OSError, AttributeError, TypeError):   # not glibc (musl, macOS): nothing to tune
+        return False
+    return ok
 
 
 def rss_bytes() -> int:

@@ -24,6 +24,7 @@ from ..io.atomic import write_text
 from ..io.peft_format import save_adapter
 from . import checkpoint, distributed
 from .data import IGNORE, Dataset, collate, collate_packed, pack
+from .memory import return_freed_memory
 from .schedule import lr_factor
 
 
@@ -63,6 +64,8 @@ class TrainConfig:
     kl_stride: int = field(default=2, metadata=_doc("apply the KL penalty at every N-th input position"))
     dtype: str = field(default="float32", metadata=_doc("base model dtype: float32, bfloat16, float16"))
     device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
+    release_memory: bool = field(default=False, metadata=_doc(
+        "CPU/glibc: mmap tensors >= 64 KiB so freed activations leave RSS (~35% lower peak, ~1.8x step time)"))
     progress: bool = field(default=True, metadata=_doc("show a progress bar"))
 
     def __post_init__(self):
@@ -142,6 +145,8 @@ class Trainer:
                  eval_set: Dataset | None = None, adapter: str = "default"):
         self.model, self.tokenizer, self.cfg, self.adapter = model, tokenizer, cfg, adapter
         self.rank, self.world = distributed.init()
+        if cfg.release_memory:
+            return_freed_memory()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
