@@ -103,7 +103,7 @@ def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", m
                        "formula": f"{layers} layers x {tokens} tokens x "
                                   f"{'h' if grad_checkpointing else '(7h + 4kv + 4i)'} x {activation_bytes} B"}
         states.add("activations", activations["bytes"], activations["formula"])
-    adapter_bytes = (trainable if method != "full" else 0) * activation_bytes
+    adapter_bytes = (trainable if method != "full" else 0) * 4   # lorakit writes adapters in fp32
     return {
         "model": str(ref), "architecture": type(model).__name__, "method": method, "recipe": recipe,
         "r": r, "alpha": alpha, "targets": targets,
