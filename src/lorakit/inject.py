@@ -34,11 +34,11 @@ def adapter_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
-def _saved_wrappers(model: nn.Module):
+def saved_wrappers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -70,7 +70,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
         model.requires_grad_(False)                                  # the base is frozen, once
     for module_name, layer in layers.items():
         if layer is not model.get_submodule(module_name):
-            _replace(model, module_name, layer)
+            replace_module(model, module_name, layer)
         weight = layer.base_layer.weight
         layer.adapters[name] = LoraAdapter(
             layer.d_in, layer.d_out, config.rank_for(module_name), config.scale_for(module_name),
@@ -79,7 +79,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
         wrapper = model.get_submodule(module_name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
-            _replace(model, module_name, wrapper)
+            replace_module(model, module_name, wrapper)
         wrapper.add(name)
 
     configs(model)[name] = config
@@ -110,7 +110,7 @@ def set_active(model: nn.Module, names) -> None:
             raise RuntimeError(f"adapters {stray} are merged into {lname}; unmerge(model) before switching")
     for _, layer in adapter_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
-    for _, wrapper in _saved_wrappers(model):
+    for _, wrapper in saved_wrappers(model):
         wrapper.active = list(names)
     model.__dict__["lorakit_active"] = names
     _set_trainable(model)
@@ -121,7 +121,7 @@ def _set_trainable(model: nn.Module) -> None:
     for _, layer in adapter_layers(model):
         for n, adapter in layer.adapters.items():
             adapter.requires_grad_(n in active)
-    for _, wrapper in _saved_wrappers(model):
+    for _, wrapper in saved_wrappers(model):
         for n, copy in wrapper.copies.items():
             copy.requires_grad_(n in active)
 
@@ -140,13 +140,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del layer.adapters[name]
         layer.active = [n for n in layer.active if n != name]
         if not layer.adapters:
-            _replace(model, lname, layer.base_layer)
-    for wname, wrapper in _saved_wrappers(model):
+            replace_module(model, lname, layer.base_layer)
+    for wname, wrapper in saved_wrappers(model):
         if name in wrapper.copies:
             del wrapper.copies[name]
         wrapper.active = [n for n in wrapper.active if n != name]
         if not wrapper.copies:
-            _replace(model, wname, wrapper.original)
+            replace_module(model, wname, wrapper.original)
     del configs(model)[name]
     model.__dict__.get("lorakit_targets", {}).pop(name, None)
     model.__dict__["lorakit_active"] = [n for n in active_adapters(model) if n != name]
@@ -155,7 +155,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Run the base model with adapters present but bypassed (merged ones are unmerged meanwhile)."""
-    layers, wrappers = adapter_layers(model), _saved_wrappers(model)
+    layers, wrappers = adapter_layers(model), saved_wrappers(model)
     merged = {lname: list(layer.merged) for lname, layer in layers}
     actives = {lname: list(layer.active) for lname, layer in layers}
     for _, layer in layers:
@@ -211,7 +211,7 @@ def trainable_report(model: nn.Module) -> Report:
             row = by_kind.setdefault(kind(lname), {"modules": 0, "params": 0})
             row["modules"] += 1
             row["params"] += n
-    for wname, wrapper in _saved_wrappers(model):
+    for wname, wrapper in saved_wrappers(model):
         n = sum(p.numel() for a, c in wrapper.copies.items() if a in active for p in c.parameters())
         row = by_kind.setdefault(f"{kind(wname)} (full)", {"modules": 0, "params": 0})
         row["modules"] += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import _replace, _saved_wrappers, active_adapters, adapter_layers, configs
+from .inject import active_adapters, adapter_layers, configs, replace_module, saved_wrappers
 
 
 class MergeError(RuntimeError):
@@ -47,9 +47,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model)
     active = active_adapters(model)
     for lname, layer in adapter_layers(model):
-        _replace(model, lname, layer.base_layer)
-    for wname, wrapper in _saved_wrappers(model):
-        _replace(model, wname, wrapper.current() if active else wrapper.original)
+        replace_module(model, lname, layer.base_layer)
+    for wname, wrapper in saved_wrappers(model):
+        replace_module(model, wname, wrapper.current() if active else wrapper.original)
     for key in ("lorakit_configs", "lorakit_targets", "lorakit_active"):
         model.__dict__.pop(key, None)
     for p in model.parameters():

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import LoraConfig
-from ..inject import _saved_wrappers, adapter_layers, configs, inject
+from ..inject import adapter_layers, configs, inject, saved_wrappers
 from ..methods.base import linear_shape
 from ..targets import TargetError, portable_targets, resolve, resolve_modules_to_save
 from .atomic import atomic_path, write_text
@@ -104,7 +104,7 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             adapter = layer.adapters[name]
             out[f"{PREFIX}{lname}.lora_A.weight"] = adapter.A
             out[f"{PREFIX}{lname}.lora_B.weight"] = adapter.B
-    for wname, wrapper in _saved_wrappers(model):
+    for wname, wrapper in saved_wrappers(model):
         if name in wrapper.copies:
             for key, value in wrapper.copies[name].state_dict().items():
                 out[f"{PREFIX}{wname}.{key}"] = value

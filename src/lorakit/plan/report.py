@@ -73,15 +73,13 @@ def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", m
         row["params"] += mem.lora_params(d_in, d_out, cfg.rank_for(n))
     # what QLoRA quantizes (every linear layer in the blocks, never the head) and the targets table,
     # read before injection changes the modules
-    quantized = sum(d_in * d_out for d_in, d_out in (linear_shape(model.get_submodule(n))
-                                                     for n in resolve(model, "all-linear")))
-    targets_table = {}
-    for preset in ("qv", "all-linear"):
-        try:
-            targets_table[preset] = sum(mem.lora_params(*linear_shape(model.get_submodule(n)), r)
-                                        for n in resolve(model, preset))
-        except TargetError:
-            targets_table[preset] = None
+    block_linear = resolve(model, "all-linear")
+    quantized = sum(d_in * d_out for d_in, d_out in (linear_shape(model.get_submodule(n)) for n in block_linear))
+    targets_table = {"all-linear": sum(mem.lora_params(*linear_shape(model.get_submodule(n)), r) for n in block_linear)}
+    try:
+        targets_table["qv"] = sum(mem.lora_params(*linear_shape(model.get_submodule(n)), r) for n in resolve(model, "qv"))
+    except TargetError:   # a family without a qv preset
+        targets_table["qv"] = None
     if targets_table["qv"] and targets_table["all-linear"]:
         targets_table["all_linear_vs_qv"] = targets_table["all-linear"] / targets_table["qv"]
     inject(model, cfg)
