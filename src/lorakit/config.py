@@ -107,3 +107,15 @@ def _check_targets(name: str, value, allow_none: bool):
     _check(isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) and v for v in value),
            name, value, "a non-empty list of module names")
     return list(value)
+
+
+@dataclass
+class FullConfig:
+    """Full fine-tuning: every parameter of the base trains, and the run writes a whole model folder.
+
+    The reference point LoRA is measured against (memory: 16 bytes per parameter in fp32 with
+    AdamW, see `lorakit plan --method full`). It has no options of its own.
+    """
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -118,3 +118,33 @@ def test_embedded_plan_matches_trainable_report(embedded_folder):
         lk.inject(model, lk.LoraConfig(r=16, targets=preset), name=preset.replace("-", "_"))
         lk.set_active(model, preset.replace("-", "_"))
         assert planned == lk.trainable_report(model).trainable, preset
+
+
+def _lines(plan):
+    return {c["component"]: c["bytes"] for c in plan["memory"]["components"]}
+
+
+def test_peak_overlaps_gradients_with_activations():
+    """One micro-batch: backward frees activations as it writes gradients, the head's first."""
+    kw = dict(method="full", recipe="fp32", frozen_bytes=4, activation_bytes=4, seq_len=128, micro_batch=4)
+    one = plan_model("tiny-llama", **kw)
+    c, head = _lines(one), one["memory"]["head_gradient_bytes"]
+    total = one["parameters"]["total"]
+    assert head == 288 * 32 * 4                         # vocab x hidden x fp32 (tiny llama's head is untied)
+    assert c["activations"] == 2 * 512 * (9 * 32 + 4 * 16 + 4 * 64) * 4
+    assert one["memory"]["total_bytes"] == 4 * total + 8 * total + max(4 * total, c["activations"] + head)
+    assert one["memory"]["sum_bytes"] == 16 * total + c["activations"]
+    acc = plan_model("tiny-llama", **kw, grad_accum=2)   # earlier micro-batches' gradients live on
+    assert acc["memory"]["total_bytes"] == acc["memory"]["sum_bytes"] == 16 * total + c["activations"]
+    lora = plan_model("tiny-llama", **{**kw, "method": "lora"})
+    cl = _lines(lora)
+    assert lora["memory"]["head_gradient_bytes"] == 0 and cl["activations"] == 2 * 512 * (7 * 32 + 4 * 16 + 4 * 64) * 4
+    assert lora["memory"]["total_bytes"] == cl["frozen weights"] + cl["adapter weights"] + cl["adapter optimizer"] \
+        + max(cl["adapter gradients"], cl["activations"])
+
+
+def test_checkpointing_keeps_layer_inputs_and_one_recomputed_layer():
+    kw = dict(method="lora", recipe="fp32", frozen_bytes=4, activation_bytes=4, seq_len=128, micro_batch=4)
+    ck = _lines(plan_model("tiny-llama", **kw, grad_checkpointing=True))
+    assert ck["activations"] == 2 * 512 * 32 * 4 + 512 * (7 * 32 + 4 * 16 + 4 * 64) * 4
+

@@ -44,7 +44,9 @@ def test_run_folder_contents_and_learning(tmp_path, carrier):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert (out / "loss.png").stat().st_size > 1000
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["steps"] == 12 and saved["peak_memory"]["peak_above_baseline_bytes"] > 0
+    # RSS growth above the baseline: can be 0 in a warm test process that reuses freed heap pages
+    assert saved["steps"] == 12 and saved["peak_memory"]["peak_above_baseline_bytes"] >= 0
+    assert saved["peak_memory"]["kind"] == "rss_high_water_mark"
     assert saved["trainable_params"] == summary["trainable_params"] > 0
     lk.load_adapter(tiny_model("llama"), out / "adapter")   # the result is a loadable adapter
 
@@ -190,3 +192,36 @@ def test_release_memory_option(tmp_path, carrier, monkeypatch):
     probe = "from lorakit.training.memory import return_freed_memory as f; print(f())"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() in ("True", "False")          # False only off glibc, where there is nothing to tune
+
+
+def _full(tmp_path, carrier, name, **kw):
+    from lorakit.config import FullConfig
+    torch.manual_seed(0)
+    cfg = TrainConfig(data=str(carrier["train"]), out=str(tmp_path / name), batch_size=4, lr=1e-3, method="full",
+                      progress=False, **kw)
+    return train_model(tiny_model("llama"), tiny_tokenizer(), cfg, FullConfig())
+
+
+def test_full_fine_tuning_writes_a_model_that_loads_and_resumes_exactly(tmp_path, carrier):
+    from lorakit.models import load_base
+    summary = _full(tmp_path, carrier, "full", steps=6, save_every=3, keep_checkpoints=5)
+    assert summary["adapter"] is None and summary["trainable_params"] == summary["total_params"]
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    trained, tok = load_base(tmp_path / "full" / "model")         # a plain transformers folder with its tokenizer
+    assert tok is not None
+    torch.manual_seed(0)
+    start = tiny_model("llama")
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, start.get_parameter(n))]
+    assert len(changed) == len(list(start.parameters()))          # every weight trained, norms and embeddings too
+    _full(tmp_path, carrier, "full", steps=6, resume=str(tmp_path / "full" / "checkpoints" / "step-000003"))
+    resumed, _ = load_base(tmp_path / "full" / "model")
+    assert max((p - resumed.get_parameter(n)).abs().max().item() for n, p in trained.named_parameters()) <= 1e-6
+
+
+def test_full_fine_tuning_refuses_adapter_options_and_the_kl_guard(tmp_path, carrier):
+    from lorakit.training.run import split_kwargs
+    with pytest.raises(TypeError, match=r"\['r'\] for method 'full'"):
+        split_kwargs({"method": "full", "r": 8})
+    with pytest.raises(ValueError, match="kl_base needs a frozen base"):
+        split_kwargs({"method": "full", "kl_base": 1.0})

@@ -31,6 +31,8 @@ def register(p):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (gradients then "
+                   "live through the forward; default: 1)")
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA constants as plain fp32 absmax per 64-block")
     p.add_argument("--tenants", type=int, help="multi-tenant storage for N adapters")
     p.add_argument("--base-gb", type=float, help="base checkpoint size for --tenants (default: from the model)")
@@ -41,6 +43,8 @@ def register(p):
 def build(args) -> dict:
     if args.rank < 1:
         raise ValueError(f"--rank {args.rank}: expected an integer >= 1")
+    if args.grad_accum < 1:
+        raise ValueError(f"--grad-accum {args.grad_accum}: expected an integer >= 1")
     out: dict = {}
     if args.params:
         out["headline"] = plan_params(mem.parse_count(args.params), args.recipe, not args.no_double_quant)
@@ -53,7 +57,7 @@ def build(args) -> dict:
         targets = [t for t in args.targets.split(",") if t] if "," in args.targets else args.targets
         out["model"] = plan_model(args.model, args.rank, args.alpha, targets, args.method, args.recipe,
                                   DTYPE_BYTES[args.dtype], args.seq_len, args.micro_batch, args.grad_checkpointing,
-                                  DTYPE_BYTES[args.dtype], not args.no_double_quant)
+                                  DTYPE_BYTES[args.dtype], not args.no_double_quant, grad_accum=args.grad_accum)
     if args.tenants:
         base_gb = args.base_gb if args.base_gb is not None else \
             (out["model"]["parameters"]["total"] * DTYPE_BYTES[args.dtype] / mem.GB if "model" in out else None)
@@ -118,7 +122,10 @@ def _print_model(console: Console, p: dict) -> None:
         t.add_column(col, justify="right" if col == "GB" else "left")
     for c in p["memory"]["components"]:
         t.add_row(c["component"], f"{c['gb']:,.3f}", c["formula"])
-    t.add_row("[bold]total[/]", f"[bold]{p['memory']['total_gb']:,.3f}[/]", "")
+    if p["memory"]["head_gradient_bytes"]:
+        t.add_row("(head gradient)", f"{p['memory']['head_gradient_bytes'] / mem.GB:,.3f}",
+                  "output head's gradient, alive with every activation at the start of backward")
+    t.add_row("[bold]peak[/]", f"[bold]{p['memory']['total_gb']:,.3f}[/]", p["memory"]["peak_rule"])
     console.print(t)
     tt = p["targets_table"]
     console.print(f"targets at r={p['r']}: qv {tt['qv'] or 0:,} vs all-linear {tt['all-linear'] or 0:,}"

@@ -1,4 +1,4 @@
-"""Train an adapter on a JSONL file (supervised fine-tuning); flags are TrainConfig's and LoraConfig's.
+"""Train an adapter (or, with --method full, every weight) on a JSONL file; flags are TrainConfig's and LoraConfig's.
 
 Example: `lorakit train --model smollm2-135m-instruct --data train.jsonl --eval-data heldout.jsonl
 --out runs/x --r 16 --alpha 32 --targets all-linear --steps 100`. Data parallel:
@@ -22,6 +22,6 @@ def register(p):
 def run(args) -> int:
     values = {**config_values(TrainConfig, args), **config_values(LoraConfig, args)}
     summary = train(**values)
-    keys = ("adapter", "steps", "final_loss", "eval_loss", "seconds", "tokens_per_s", "trainable_params")
+    keys = ("weights", "steps", "final_loss", "eval_loss", "seconds", "tokens_per_s", "trainable_params")
     print(json.dumps({k: summary[k] for k in keys} | {"peak_memory_mb": summary["peak_memory"]["peak_above_baseline_bytes"] / 2**20}, indent=2))
     return 0

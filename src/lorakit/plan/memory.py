@@ -43,20 +43,49 @@ def lora_params(d_in: int, d_out: int, r: int) -> int:
 
 @dataclass
 class MemoryPlan:
-    """Bytes by component, each with the formula that produced it."""
+    """Bytes by component, each with the formula that produced it, and the peak they add up to.
 
-    lines: list = field(default_factory=list)   # (component, bytes, formula)
+    Not everything is alive at once. Weights and optimizer state are (`state` lines). Gradients
+    and activations overlap only in part: backward frees each layer's activations as it writes that
+    layer's gradients, starting at the output head, whose gradient is written while every
+    activation is still alive. So one micro-batch peaks at max(gradients, activations + head
+    gradient); with gradient accumulation the gradients of earlier micro-batches live through the
+    next forward, and the peak is gradients + activations. `sum_bytes` is everything at once.
+    """
 
-    def add(self, component: str, nbytes: float, formula: str) -> None:
-        self.lines.append((component, nbytes, formula))
+    lines: list = field(default_factory=list)   # (component, bytes, formula, kind)
+    accumulate: bool = False                    # gradient accumulation over several micro-batches
+    head_gradient: float = 0                    # bytes of the output head's gradient, if it trains
+
+    def add(self, component: str, nbytes: float, formula: str, kind: str = "state") -> None:
+        assert kind in ("state", "gradients", "activations"), kind
+        self.lines.append((component, nbytes, formula, kind))
+
+    def _sum(self, kind: str) -> float:
+        return sum(b for _, b, _, k in self.lines if k == kind)
 
     @property
     def total(self) -> float:
-        return sum(b for _, b, _ in self.lines)
+        grads, acts = self._sum("gradients"), self._sum("activations")
+        if self.accumulate:
+            return self._sum("state") + grads + acts
+        return self._sum("state") + max(grads, acts + self.head_gradient if acts else 0)
+
+    @property
+    def rule(self) -> str:
+        if not self._sum("activations"):
+            return "weights + gradients + optimizer state (+ master copy)"
+        if self.accumulate:
+            return "states + gradients + activations (gradient accumulation keeps gradients through the forward)"
+        head = " + head gradient" if self.head_gradient else ""
+        return f"states + max(gradients, activations{head}): backward frees activations as it writes gradients"
 
     def to_dict(self) -> dict:
-        return {"components": [{"component": c, "bytes": b, "gb": b / GB, "formula": f} for c, b, f in self.lines],
-                "total_bytes": self.total, "total_gb": self.total / GB}
+        sum_bytes = sum(b for _, b, _, _ in self.lines)
+        return {"components": [{"component": c, "bytes": b, "gb": b / GB, "formula": f, "kind": k}
+                               for c, b, f, k in self.lines],
+                "total_bytes": self.total, "total_gb": self.total / GB, "peak_rule": self.rule,
+                "head_gradient_bytes": self.head_gradient, "sum_bytes": sum_bytes}
 
 
 def model_states(total: int, trainable: int, method: str, recipe: str = "12-byte", frozen_bytes: float = 2,
@@ -74,7 +103,7 @@ def model_states(total: int, trainable: int, method: str, recipe: str = "12-byte
     if method == "full":
         for part in ("weights", "gradients", "optimizer", "master"):
             if rec[part]:
-                plan.add(part, total * rec[part], f"{total:,} params x {rec[part]} B")
+                plan.add(part, total * rec[part], f"{total:,} params x {rec[part]} B", _kind(part))
         return plan
     if method == "qlora":
         c = QUANT_CONSTANT_BITS["double-quant" if double_quant else "absmax-fp32"]
@@ -88,8 +117,13 @@ def model_states(total: int, trainable: int, method: str, recipe: str = "12-byte
         plan.add("frozen weights", total * frozen_bytes, f"{total:,} params x {frozen_bytes:g} B")
     for part in ("weights", "gradients", "optimizer", "master"):
         if rec[part]:
-            plan.add(f"adapter {part}", trainable * rec[part], f"{trainable:,} adapter params x {rec[part]} B")
+            plan.add(f"adapter {part}", trainable * rec[part], f"{trainable:,} adapter params x {rec[part]} B",
+                     _kind(part))
     return plan
+
+
+def _kind(part: str) -> str:
+    return "gradients" if part == "gradients" else "state"
 
 
 def tenant_storage(base_gb: float, adapter_mb: float, tenants: int) -> dict:
@@ -121,14 +155,19 @@ def matrix_plan(d_in: int, d_out: int, r: int, method: str = "lora", dtype_bytes
 
 
 def activation_bytes_per_layer(tokens: int, hidden: int, kv_dim: int, intermediate: int, dtype_bytes: int = 4,
-                               checkpointing: bool = False) -> float:
+                               checkpointing: bool = False, norms_train: bool = False) -> float:
     """Activations autograd keeps for one decoder layer (RMSNorm, RoPE, SDPA, SwiGLU MLP).
 
     Korthikanti et al., 2022 (arXiv:2205.05198, sec. 4.1) count 34*s*b*h bytes per layer for a
     GPT block in fp16 with flash-style attention. The same census for a Llama block, in elements
     per token: residual inputs of the two norms (2h), their outputs (2h), q, k, v before and after
     RoPE and the attention output (2h + 4*kv + 2h), the o_proj input copy (h), and the MLP's gate,
-    up, SiLU(gate) and product (4i). With checkpointing only the layer input (h) is kept.
+    up, SiLU(gate) and product (4i). When the norms' weights train (full fine-tuning) each norm
+    also keeps its normalised input for the weight's gradient (2h more). With checkpointing only
+    the layer input (h) is kept.
     """
-    per_token = hidden if checkpointing else 7 * hidden + 4 * kv_dim + 4 * intermediate
+    if checkpointing:
+        per_token = hidden
+    else:
+        per_token = (9 if norms_train else 7) * hidden + 4 * kv_dim + 4 * intermediate
     return tokens * per_token * dtype_bytes

@@ -55,7 +55,7 @@ def _needed(config, *names):
 def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", method: str = "lora",
                recipe: str = "12-byte", frozen_bytes: float = 2, seq_len: int = 512, micro_batch: int = 1,
                grad_checkpointing: bool = False, activation_bytes: int = 2, double_quant: bool = True,
-               config=None) -> dict:
+               config=None, grad_accum: int = 1) -> dict:
     """The plan for model `ref` (or for an already-loaded `config`, whose `architectures` names the class)."""
     if method not in mem.METHODS:
         raise ValueError(f"--method {method!r}: expected one of {mem.METHODS}")
@@ -96,11 +96,20 @@ def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", m
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
         tokens = seq_len * micro_batch
-        per_layer = mem.activation_bytes_per_layer(tokens, hidden, kv_dim, inter, activation_bytes, grad_checkpointing)
-        activations = {"per_layer_bytes": per_layer, "layers": layers, "bytes": per_layer * layers,
-                       "formula": f"{layers} layers x {tokens} tokens x "
-                                  f"{'h' if grad_checkpointing else '(7h + 4kv + 4i)'} x {activation_bytes} B"}
-        states.add("activations", activations["bytes"], activations["formula"])
+        full = method == "full"
+        census = f"({9 if full else 7}h + 4kv + 4i)"
+        per_layer = mem.activation_bytes_per_layer(tokens, hidden, kv_dim, inter, activation_bytes, grad_checkpointing, full)
+        total_act = per_layer * layers
+        formula = f"{layers} layers x {tokens} tokens x {'h' if grad_checkpointing else census} x {activation_bytes} B"
+        if grad_checkpointing:   # backward recomputes one layer at a time, holding that layer's full set
+            total_act += mem.activation_bytes_per_layer(tokens, hidden, kv_dim, inter, activation_bytes, False, full)
+            formula += f" + one recomputed layer: {tokens} tokens x {census} x {activation_bytes} B"
+        activations = {"per_layer_bytes": per_layer, "layers": layers, "bytes": total_act, "formula": formula}
+        states.add("activations", activations["bytes"], activations["formula"], "activations")
+    states.accumulate = grad_accum > 1
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if method == "full" and head is not None:       # written first in backward, while activations live
+        states.head_gradient = head.weight.numel() * mem.RECIPES[recipe]["gradients"]
     adapter_bytes = (trainable if method != "full" else 0) * 4   # lorakit writes adapters in fp32
     return {
         "model": str(ref), "architecture": type(model).__name__, "method": method, "recipe": recipe,

@@ -1,7 +1,7 @@
 """Checkpoints that survive a SIGKILL: written into a hidden temporary folder, committed by one rename.
 
 Layout of `OUT/checkpoints/step-000040/`:
-  adapter/                     the adapter, PEFT format (loadable on its own)
+  adapter/ (or model/)         the adapter, PEFT format, or for full fine-tuning the whole model
   trainer_state.safetensors    optimizer moments by parameter name, RNG states
   trainer_state.json           step, data position, configs, Python RNG state
 A folder named `step-*` is complete by construction; `.tmp-*` folders are leftovers of a killed
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io.peft_format import read_tensors, save_adapter
+from ..io.peft_format import read_tensors
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -39,7 +39,7 @@ def latest(path: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(out: str | Path, step: int, model: nn.Module, adapter: str, optimizer: torch.optim.Optimizer,
+def save(out: str | Path, step: int, model: nn.Module, weights, optimizer: torch.optim.Optimizer,
          param_names: dict[nn.Parameter, str], state: dict, keep: int = 2) -> Path:
     root = checkpoint_root(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def save(out: str | Path, step: int, model: nn.Module, adapter: str, optimizer: 
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    save_adapter(model, tmp / "adapter", name=adapter)
+    weights.save(model, tmp / weights.folder)
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -59,7 +59,7 @@ def save(out: str | Path, step: int, model: nn.Module, adapter: str, optimizer: 
     py_state = random.getstate()
     payload = dict(state, step=step, python_rng=[py_state[0], list(py_state[1]), py_state[2]])
     (tmp / STATE_JSON).write_text(json.dumps(payload, indent=1))
-    for f in (tmp / "adapter").iterdir():
+    for f in (tmp / weights.folder).iterdir():
         _fsync(f)
     _fsync(tmp / STATE_TENSORS)
     _fsync(tmp / STATE_JSON)

@@ -1,7 +1,8 @@
 """`lorakit.train(...)`: a whole run from names to files (what `lorakit train` calls).
 
 Loads the base, reads the data, injects (or resumes) the adapter, trains, and writes the run folder:
-adapter/, checkpoints/, metrics.jsonl, loss.png, summary.json, and bad_rows.jsonl if rows were skipped.
+adapter/ (model/ for full fine-tuning), checkpoints/, metrics.jsonl, loss.png, summary.json, and
+bad_rows.jsonl if rows were skipped.
 """
 from __future__ import annotations
 
@@ -9,21 +10,22 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from ..config import LoraConfig
+from ..config import FullConfig, LoraConfig
 from ..inject import inject, trainable_report
 from ..io.atomic import write_text
-from ..io.peft_format import load_adapter
 from ..models import load_base
 from . import checkpoint, distributed
 from .data import load_dataset
-from .memory import PeakMemory
+from .memory import PeakMemory, TensorPeak, model_tensors
+from .outputs import AdapterWeights, ModelWeights
 from .trainer import Trainer, TrainConfig
 
-METHODS = {"lora": LoraConfig}
+METHODS = {"lora": LoraConfig, "full": FullConfig}
 
 
 def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
@@ -37,7 +39,9 @@ def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
     method_names = {f.name for f in dataclasses.fields(method_cls)}
     unknown = sorted(set(kwargs) - train_names - method_names)
     if unknown:
-        raise TypeError(f"unknown training option(s) {unknown}")
+        raise TypeError(f"unknown training option(s) {unknown} for method {cfg.method!r}")
+    if cfg.method == "full" and cfg.kl_base:
+        raise ValueError("kl_base needs a frozen base to compare against; full fine-tuning has none")
     return cfg, method_cls(**{k: v for k, v in kwargs.items() if k in method_names})
 
 
@@ -75,29 +79,39 @@ def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemo
               f"{train_set.dropped} dropped with no loss tokens left, {len(train_set.bad_rows)} bad rows skipped, "
               f"{train_set.text_rows} text rows for the KL guard)", file=sys.stderr)
     out = Path(cfg.out)
+    full = isinstance(method_cfg, FullConfig)
+    weights = ModelWeights(tokenizer) if full else AdapterWeights(adapter)
     resume_from = None
     if cfg.resume:
         resume_from = checkpoint.latest(cfg.resume)
         if resume_from is None:
             raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint found there")
-        load_adapter(model, resume_from / "adapter", name=adapter)
-    else:
+    if resume_from is None:
         torch.manual_seed(cfg.seed)
+    if full:
+        model.requires_grad_(True)
+    elif resume_from is None:
         inject(model, method_cfg, name=adapter)
-    trainer = Trainer(model, tokenizer, train_set, cfg, eval_set, adapter)
+    if resume_from is not None:
+        weights.load(model, resume_from / weights.folder)
+    trainer = Trainer(model, tokenizer, train_set, cfg, eval_set, adapter, weights)
     if resume_from is not None:
         trainer.restore(resume_from)
     if distributed.is_main() and train_set.bad_rows:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "bad_rows.jsonl", "".join(json.dumps(r) + "\n" for r in train_set.bad_rows))
 
+    tracer = TensorPeak().seed(model_tensors(model, trainer.optimizer)) if cfg.trace_memory else None
+    memory.reset_peak()      # measure training, not the load spike; the resident model still counts
     start = time.perf_counter()
-    history = trainer.run()
+    with tracer or nullcontext():
+        history = trainer.run()
     seconds = time.perf_counter() - start
     report = trainable_report(model)
     last = history[-1] if history else {}
     summary = {
-        "model": cfg.model, "method": cfg.method, "adapter": str(out / "adapter"),
+        "model": cfg.model, "method": cfg.method, "weights": str(out / weights.folder),
+        "adapter": None if full else str(out / weights.folder),
         "method_config": dataclasses.asdict(method_cfg), "train_config": dataclasses.asdict(cfg),
         "resumed_from": str(resume_from) if resume_from else None,
         "steps": trainer.total, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
@@ -107,10 +121,15 @@ def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemo
                  "bad_rows": len(train_set.bad_rows), "packed_rows": len(trainer.rows) if cfg.packing else None},
         "peak_memory": memory.summary(),
     }
-    summary["planned_memory"] = _planned(model, cfg, method_cfg, train_set)
-    if "total_bytes" in summary["planned_memory"]:
-        measured = summary["peak_memory"]["peak_above_baseline_bytes"]
-        summary["planned_memory"]["measured_over_planned"] = measured / summary["planned_memory"]["total_bytes"]
+    if tracer is not None:
+        summary["peak_memory"]["tensor_peak_bytes"] = tracer.peak
+    summary["planned_memory"] = planned = _planned(model, cfg, method_cfg, train_set, trainer.world)
+    if "total_bytes" in planned:
+        # the like-for-like comparison: live tensor bytes when traced; otherwise RSS (CPU), which
+        # also holds what the allocator keeps (see memory.py), or the CUDA allocator's peak
+        kind = "tensor_peak_bytes" if tracer is not None else "peak_above_baseline_bytes"
+        planned["measured"] = kind
+        planned["measured_over_planned"] = summary["peak_memory"][kind] / planned["total_bytes"]
     if distributed.is_main():
         write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_loss(history, out / "loss.png")
@@ -137,7 +156,7 @@ def plot_loss(history: list[dict], path: Path) -> Path:
     return path
 
 
-def _planned(model, cfg: TrainConfig, method_cfg, train_set) -> dict:
+def _planned(model, cfg: TrainConfig, method_cfg, train_set, world: int = 1) -> dict:
     """The planner's prediction for this run's configuration, recorded beside the measured peak."""
     import copy
 
@@ -146,13 +165,15 @@ def _planned(model, cfg: TrainConfig, method_cfg, train_set) -> dict:
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]      # plan exactly this model, whatever cfg.model says
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.dtype, 4)
-    seq = max(len(e.input_ids) for e in train_set.examples)
+    seq = cfg.max_len if cfg.packing else max(len(e.input_ids) for e in train_set.examples)  # batches pad to their longest
+    micro = cfg.batch_size // world                                                          # rows per rank
     try:
-        plan = plan_model(cfg.model, r=method_cfg.r, alpha=method_cfg.alpha, targets=method_cfg.targets,
-                          method=cfg.method, recipe="fp32", frozen_bytes=dtype_bytes, seq_len=seq,
-                          micro_batch=cfg.batch_size, grad_checkpointing=cfg.grad_checkpointing,
+        shape = {} if isinstance(method_cfg, FullConfig) else \
+            {"r": method_cfg.r, "alpha": method_cfg.alpha, "targets": method_cfg.targets}
+        plan = plan_model(cfg.model, **shape, method=cfg.method, recipe="fp32", frozen_bytes=dtype_bytes, seq_len=seq,
+                          micro_batch=micro, grad_checkpointing=cfg.grad_checkpointing, grad_accum=cfg.grad_accum,
                           activation_bytes=2 if cfg.bf16 else dtype_bytes, config=config)
     except (ValueError, OSError) as e:   # e.g. a model class transformers cannot rebuild from its config
         return {"error": str(e)}
     return {"total_bytes": plan["memory"]["total_bytes"], "components": plan["memory"]["components"],
-            "recipe": "fp32", "seq_len": seq, "micro_batch": cfg.batch_size}
+            "peak_rule": plan["memory"]["peak_rule"], "recipe": "fp32", "seq_len": seq, "micro_batch": micro}

@@ -1,4 +1,4 @@
-"""The training loop: AdamW on adapter parameters only, warmup + cosine, accumulation, clipping.
+"""The training loop: AdamW on what requires grad, warmup + cosine, accumulation, clipping.
 
 One readable loop, deterministic on CPU for a given seed. An optimizer step consumes
 `grad_accum` global micro-batches of `batch_size` rows; under torchrun each rank takes its share of
@@ -21,10 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io.atomic import write_text
-from ..io.peft_format import save_adapter
 from . import checkpoint, distributed
 from .data import IGNORE, Dataset, collate, collate_packed, pack
 from .memory import return_freed_memory
+from .outputs import AdapterWeights
 from .schedule import lr_factor
 
 
@@ -39,15 +39,15 @@ class TrainConfig:
     model: str = field(default="smollm2-135m-instruct", metadata=_doc("base model: embedded name, .gguf, folder, or tiny-<family>"))
     data: str = field(default=None, metadata=_doc("training JSONL (prompt/completion or messages rows)"))
     eval_data: str = field(default=None, metadata=_doc("held-out JSONL: loss during training, task score after"))
-    out: str = field(default="runs/train", metadata=_doc("run folder: adapter, checkpoints, metrics, plots"))
-    method: str = field(default="lora", metadata=_doc("adapter method"))
+    out: str = field(default="runs/train", metadata=_doc("run folder: adapter (or model), checkpoints, metrics, plots"))
+    method: str = field(default="lora", metadata=_doc("lora, or full (every weight trains; writes a model folder)"))
     steps: int = field(default=None, metadata=_doc("optimizer steps (overrides epochs)"))
     epochs: float = field(default=1.0, metadata=_doc("passes over the training set when steps is not given"))
     batch_size: int = field(default=8, metadata=_doc("rows per micro-batch, across all ranks"))
     grad_accum: int = field(default=1, metadata=_doc("micro-batches per optimizer step"))
     lr: float = field(default=2e-4, metadata=_doc("peak learning rate"))
     warmup: float = field(default=0.05, metadata=_doc("warmup: a fraction of the steps if < 1, else a step count"))
-    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay on adapter parameters"))
+    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay on the trained parameters"))
     max_grad_norm: float = field(default=1.0, metadata=_doc("clip the global gradient norm (0 = off)"))
     max_len: int = field(default=512, metadata=_doc("truncate rows to this many tokens"))
     seed: int = field(default=0, metadata=_doc("seed for adapter init, data order and dropout"))
@@ -66,6 +66,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
     release_memory: bool = field(default=False, metadata=_doc(
         "CPU/glibc: mmap tensors >= 64 KiB so freed activations leave RSS (~35% lower peak, ~1.8x step time)"))
+    trace_memory: bool = field(default=False, metadata=_doc(
+        "count live tensor bytes op by op: the exact peak the planner predicts, on any device (~5% slower)"))
     progress: bool = field(default=True, metadata=_doc("show a progress bar"))
 
     def __post_init__(self):
@@ -142,8 +144,9 @@ def kl_mask(rows, width: int, stride: int) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, model: nn.Module, tokenizer, train_set: Dataset, cfg: TrainConfig,
-                 eval_set: Dataset | None = None, adapter: str = "default"):
+                 eval_set: Dataset | None = None, adapter: str = "default", weights=None):
         self.model, self.tokenizer, self.cfg, self.adapter = model, tokenizer, cfg, adapter
+        self.weights = weights or AdapterWeights(adapter)      # what checkpoints and the run write
         self.rank, self.world = distributed.init()
         if cfg.release_memory:
             return_freed_memory()
@@ -219,7 +222,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             last = checkpoint.latest(self.out)
             raise NonFiniteLoss(f"non-finite loss ({mean_loss}) or gradient norm ({grad_norm.item()}) at step "
-                                f"{self.step + 1}; training stopped, the adapter was not updated. Last good "
+                                f"{self.step + 1}; training stopped, the weights were not updated. Last good "
                                 f"checkpoint: {last or 'none yet'}. Try a lower --lr or --bf16 off.")
         lr = cfg.lr * lr_factor(self.step, self.total, self.warmup)
         for group in self.optimizer.param_groups:
@@ -253,7 +256,7 @@ class Trainer:
         if not distributed.is_main():
             return None
         state = {"train_config": asdict(self.cfg), "adapter": self.adapter, "total_steps": self.total}
-        return checkpoint.save(self.out, self.step, self.model, self.adapter, self.optimizer, self.names, state,
+        return checkpoint.save(self.out, self.step, self.model, self.weights, self.optimizer, self.names, state,
                                keep=self.cfg.keep_checkpoints)
 
     def restore(self, path: Path) -> None:
@@ -295,7 +298,7 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         if distributed.is_main():
-            save_adapter(self.model, self.out / "adapter", name=self.adapter)
+            self.weights.save(self.model, self.out / self.weights.folder)
         distributed.barrier()
         return self.history
 
