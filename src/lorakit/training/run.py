@@ -19,6 +19,7 @@ from ..config import FullConfig, LoraConfig
 from ..inject import inject, trainable_report
 from ..io.atomic import write_text
 from ..models import load_base
+from ..quant import prepare_for_training, quantize
 from . import checkpoint, distributed
 from .data import load_dataset
 from .memory import PeakMemory, TensorPeak, model_tensors
@@ -42,6 +43,8 @@ def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
         raise TypeError(f"unknown training option(s) {unknown} for method {cfg.method!r}")
     if cfg.method == "full" and cfg.kl_base:
         raise ValueError("kl_base needs a frozen base to compare against; full fine-tuning has none")
+    if cfg.method == "full" and cfg.quantize:
+        raise ValueError("quantize needs a frozen base: a 4-bit base cannot be fully fine-tuned")
     return cfg, method_cls(**{k: v for k, v in kwargs.items() if k in method_names})
 
 
@@ -88,6 +91,9 @@ def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemo
             raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint found there")
     if resume_from is None:
         torch.manual_seed(cfg.seed)
+    if cfg.quantize:                       # QLoRA: a 4-bit frozen base under the adapter
+        quantize(model, compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        prepare_for_training(model)
     if full:
         model.requires_grad_(True)
     elif resume_from is None:
@@ -170,7 +176,8 @@ def _planned(model, cfg: TrainConfig, method_cfg, train_set, world: int = 1) -> 
     try:
         shape = {} if isinstance(method_cfg, FullConfig) else \
             {"r": method_cfg.r, "alpha": method_cfg.alpha, "targets": method_cfg.targets}
-        plan = plan_model(cfg.model, **shape, method=cfg.method, recipe="fp32", frozen_bytes=dtype_bytes, seq_len=seq,
+        method = "qlora" if cfg.quantize else cfg.method
+        plan = plan_model(cfg.model, **shape, method=method, recipe="fp32", frozen_bytes=dtype_bytes, seq_len=seq,
                           micro_batch=micro, grad_checkpointing=cfg.grad_checkpointing, grad_accum=cfg.grad_accum,
                           activation_bytes=2 if cfg.bf16 else dtype_bytes, config=config)
     except (ValueError, OSError) as e:   # e.g. a model class transformers cannot rebuild from its config

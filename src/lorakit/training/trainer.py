@@ -62,6 +62,8 @@ class TrainConfig:
     skip_bad_rows: bool = field(default=False, metadata=_doc("count and list bad rows instead of stopping"))
     kl_base: float = field(default=0.0, metadata=_doc("weight of a KL penalty holding predictions on input tokens to the base model's"))
     kl_stride: int = field(default=2, metadata=_doc("apply the KL penalty at every N-th input position"))
+    quantize: str = field(default=None, metadata=_doc(
+        "nf4: store the frozen base's block linear layers in 4-bit NF4 with double quantization (QLoRA)"))
     dtype: str = field(default="float32", metadata=_doc("base model dtype: float32, bfloat16, float16"))
     device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
     release_memory: bool = field(default=False, metadata=_doc(
@@ -80,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr = {self.lr!r}: expected a positive number")
         if self.epochs <= 0:
             raise ValueError(f"TrainConfig.epochs = {self.epochs!r}: expected > 0")
+        if self.quantize not in (None, "nf4"):
+            raise ValueError(f"TrainConfig.quantize = {self.quantize!r}: expected 'nf4' or None")
 
 
 class NonFiniteLoss(RuntimeError):

@@ -1,0 +1,105 @@
+"""NF4 and 8-bit blockwise quantization against bitsandbytes (installed, CPU) and plain definitions."""
+import pytest
+import torch
+
+from lorakit.quant import (NF4_CODE, dequantize_blockwise, dequantize_nf4, dequantize_nf4_reference, dynamic_map,
+                           quantize_blockwise, quantize_nf4)
+from lorakit.quant.nf4 import bits_per_parameter, nf4_from_quantiles
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+SHAPES = [((256, 128), 64, torch.float32), ((1001,), 64, torch.float32), ((77, 33), 128, torch.bfloat16),
+          ((300, 64), 64, torch.float16), ((96, 200), 256, torch.float32), ((5, 7), 32, torch.float32)]
+
+
+def _reference_kernel(x, code, blocksize):
+    """bitsandbytes' reference (device-independent) blockwise kernel, bypassing its CPU C library."""
+    op = torch.ops.bitsandbytes.quantize_blockwise.default
+    return op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), x, code, blocksize)
+
+
+def test_codebooks_are_bitsandbytes_and_the_papers():
+    assert torch.equal(NF4_CODE, bnbf.get_4bit_type("nf4", "cpu"))
+    assert (nf4_from_quantiles() - NF4_CODE).abs().max() < 2e-7       # the table is the quantile construction
+    assert (NF4_CODE > 0).sum() == 8 and (NF4_CODE < 0).sum() == 7 and (NF4_CODE == 0).sum() == 1
+    for signed in (True, False):
+        assert torch.equal(dynamic_map(signed), bnbf.create_dynamic_map(signed))
+
+
+@pytest.mark.parametrize("shape, blocksize, dtype", SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    packed, state = quantize_nf4(x, blocksize, double_quant)
+    b_packed, b_state = bnbf.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    assert packed.dtype == torch.uint8 and torch.equal(packed, b_packed)           # codes, high nibble first
+    if not double_quant:
+        assert torch.equal(state.absmax, b_state.absmax)
+    else:
+        assert torch.equal(state.offset, b_state.offset)
+        assert torch.equal(state.nested.absmax, b_state.state2.absmax)
+        # bitsandbytes' CPU library finds the 8-bit code with an approximate search; its reference
+        # kernel (and ours) takes the nearest code. Ours is bit-equal to the reference...
+        ref_codes, ref_scales = _reference_kernel(b_state_absmax_input(x, blocksize), dynamic_map(), 256)
+        assert torch.equal(state.absmax, ref_codes) and torch.equal(state.nested.absmax, ref_scales)
+        # ...and within one code step of the CPU library, on a small fraction of blocks
+        diff = (state.absmax.int() - b_state.absmax.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.02
+    # dequantization from the same bits is bit-equal across libraries (checkpoints are interchangeable)
+    assert torch.equal(dequantize_nf4(b_packed, _from_bnb(b_state)), bnbf.dequantize_4bit(b_packed, b_state))
+    assert torch.equal(dequantize_nf4(packed, state), dequantize_nf4_reference(packed, state))
+    assert dequantize_nf4(packed, state).dtype == dtype
+
+
+def b_state_absmax_input(x, blocksize):
+    """absmax - mean(absmax): what double quantization quantizes."""
+    _, plain = bnbf.quantize_4bit(x, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
+    return plain.absmax - plain.absmax.mean()
+
+
+def _from_bnb(qs):
+    from lorakit.quant.linear4bit import state_from_tensors
+    return state_from_tensors({k: v for k, v in qs.as_dict(packed=True).items()})
+
+
+@pytest.mark.parametrize("shape, blocksize, dtype", [((4096,), 4096, torch.float32), ((1000, 37), 256, torch.float32),
+                                                      ((12345,), 2048, torch.bfloat16), ((777,), 64, torch.float16)])
+def test_8bit_blockwise_matches_the_reference_kernel(shape, blocksize, dtype):
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=dtype) * 3
+    codes, state = quantize_blockwise(x, blocksize)
+    ref_codes, ref_absmax = _reference_kernel(x, dynamic_map(), blocksize)
+    assert torch.equal(codes, ref_codes) and torch.equal(state.absmax, ref_absmax)
+    b_codes, b_state = bnbf.quantize_blockwise(x, blocksize=blocksize)
+    assert torch.equal(dequantize_blockwise(b_codes, state.__class__(b_state.absmax, state.code, blocksize, dtype)),
+                       bnbf.dequantize_blockwise(b_codes, b_state))
+
+
+def test_dequantized_error_is_within_half_a_code_step():
+    torch.manual_seed(2)
+    x = torch.randn(64 * 50)
+    packed, state = quantize_nf4(x, 64, double_quant=False)
+    err = (dequantize_nf4(packed, state) - x).abs().view(-1, 64)
+    widest_gap = (NF4_CODE[1:] - NF4_CODE[:-1]).max()
+    assert (err <= widest_gap / 2 * state.absmax.unsqueeze(1) + 1e-6).all()
+
+
+def test_storage_is_4_127_bits_per_parameter():
+    packed, state = quantize_nf4(torch.randn(4096, 4096))
+    assert abs(bits_per_parameter(packed, state) - 4.127) <= 0.001
+    plain_packed, plain = quantize_nf4(torch.randn(4096, 4096), double_quant=False)
+    assert abs(bits_per_parameter(plain_packed, plain) - 4.5) <= 0.001
+
+
+@pytest.mark.parametrize("blocksize", [16, 100, 8192])
+def test_bad_blocksize_is_named(blocksize):
+    with pytest.raises(ValueError, match=f"blocksize {blocksize} is not allowed"):
+        quantize_nf4(torch.randn(256), blocksize)
+
+
+def test_non_finite_values_are_named():
+    x = torch.randn(8, 64)
+    x[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="model.layers.0.q_proj.weight: 1 non-finite"):
+        quantize_nf4(x, name="model.layers.0.q_proj.weight")
