@@ -103,3 +103,16 @@ def test_non_finite_values_are_named():
     x[3, 5] = float("nan")
     with pytest.raises(ValueError, match="model.layers.0.q_proj.weight: 1 non-finite"):
         quantize_nf4(x, name="model.layers.0.q_proj.weight")
+
+
+@pytest.mark.parametrize("codebook", ["nf4", "dynamic", "dynamic-unsigned"])
+def test_table_lookup_equals_bucketize_everywhere(codebook):
+    from lorakit.quant.blockwise import nearest
+    code = {"nf4": NF4_CODE, "dynamic": dynamic_map(True), "dynamic-unsigned": dynamic_map(False)}[codebook]
+    bounds = (code[:-1] + code[1:]) / 2
+    patterns = torch.arange(1 << 16, dtype=torch.int32) << 16
+    values = torch.cat([patterns.view(torch.float32), (patterns | 0xFFFF).view(torch.float32),
+                        (patterns | 0x8000).view(torch.float32), bounds, torch.nextafter(bounds, torch.tensor(2.0)),
+                        torch.nextafter(bounds, torch.tensor(-2.0)), torch.rand(100_000) * 2 - 1])
+    values = values[torch.isfinite(values) & (values.abs() <= 1)]      # every bfloat16 interval, its ends and middle
+    assert torch.equal(nearest(values, bounds).long(), torch.bucketize(values, bounds))

@@ -59,3 +59,16 @@ def test_planned_peak_is_within_20_percent_of_the_traced_peak(tmp_path, carrier,
     assert planned["measured"] == "tensor_peak_bytes"
     assert measured["tensor_peak_bytes"] > 0.5 * planned["total_bytes"]          # the tracer saw the step
     assert 0.8 <= planned["measured_over_planned"] <= 1.2, (planned["measured_over_planned"], planned["components"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_optimizer_state_bytes_agree_with_the_planner(tmp_path, carrier, optimizer):
+    cfg = TrainConfig(data=str(carrier["train"]), out=str(tmp_path / optimizer), batch_size=2, lr=1e-3, steps=1,
+                      optimizer=optimizer, quantize="nf4", progress=False)
+    summary = train_model(_small_llama(), tiny_tokenizer(), cfg, LoraConfig(r=16, alpha=32))
+    measured, planned = summary["optimizer"]["state_bytes"], summary["planned_memory"]["optimizer_bytes"]
+    trainable = summary["trainable_params"]
+    assert abs(measured - planned) <= 0.01 * planned
+    # fp32 moments: 8 B/param; 8-bit: 2 B/param except tensors under 4,096 elements (here k/v's B)
+    assert measured < (0.35 if optimizer == "adamw8bit" else 1.01) * 8 * trainable
+    assert summary["planned_memory"]["components"][0]["component"] == "frozen weights (NF4 payload)"

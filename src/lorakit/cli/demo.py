@@ -48,6 +48,7 @@ def register(p):
     p.add_argument("--n-heldout", type=int, default=120, help="held-out tickets (default: 120)")
     p.add_argument("--kl-base", type=float, default=3.0, help="KL-to-base weight (0 turns the guard off)")
     p.add_argument("--no-guards", action="store_true", help="train on the tickets alone, no KL (to see the damage)")
+    p.add_argument("--quantize", choices=["nf4"], help="train QLoRA: the base's block linear layers in 4-bit NF4")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -89,9 +90,10 @@ def run(args) -> int:
         rows = paths["train"].read_text().splitlines() + [json.dumps(r) for r in rehearsal]
         random.Random(args.seed).shuffle(rows)
         write_text(train_path, "\n".join(rows) + "\n")
-    console.print(f"[bold]2/4 LoRA training[/] (r=16, alpha=32, all-linear, bf16 autocast, KL-to-base {kl})")
+    console.print(f"[bold]2/4 {'QLoRA' if args.quantize else 'LoRA'} training[/] (r=16, alpha=32, all-linear, "
+                  f"bf16 autocast, KL-to-base {kl}{', NF4 base' if args.quantize else ''})")
     cfg = TrainConfig(model=args.model, data=str(train_path), out=str(out / "run"), steps=args.steps,
-                      batch_size=8, lr=2e-3, warmup=0.1, bf16=True, seed=args.seed, kl_base=kl)
+                      batch_size=8, lr=2e-3, warmup=0.1, bf16=True, seed=args.seed, kl_base=kl, quantize=args.quantize)
     summary = train_model(model, tokenizer, cfg, LoraConfig(r=16, alpha=32, targets="all-linear"))
     console.print("   " + str(trainable_report(model)).splitlines()[-1])
 

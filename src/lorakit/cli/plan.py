@@ -27,6 +27,8 @@ def register(p):
     p.add_argument("--targets", default="all-linear", help="preset, comma list or regex (default: all-linear)")
     p.add_argument("--method", default="lora", choices=mem.METHODS)
     p.add_argument("--recipe", default="12-byte", choices=sorted(mem.RECIPES))
+    p.add_argument("--optimizer", default="adamw", choices=mem.OPTIMIZERS,
+                   help="adamw (8 B/param of state) or adamw8bit (~2 B/param, blockwise 8-bit moments)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="storage of frozen weights and activations")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=1)
@@ -57,7 +59,8 @@ def build(args) -> dict:
         targets = [t for t in args.targets.split(",") if t] if "," in args.targets else args.targets
         out["model"] = plan_model(args.model, args.rank, args.alpha, targets, args.method, args.recipe,
                                   DTYPE_BYTES[args.dtype], args.seq_len, args.micro_batch, args.grad_checkpointing,
-                                  DTYPE_BYTES[args.dtype], not args.no_double_quant, grad_accum=args.grad_accum)
+                                  DTYPE_BYTES[args.dtype], not args.no_double_quant, grad_accum=args.grad_accum,
+                                  optimizer=args.optimizer)
     if args.tenants:
         base_gb = args.base_gb if args.base_gb is not None else \
             (out["model"]["parameters"]["total"] * DTYPE_BYTES[args.dtype] / mem.GB if "model" in out else None)

@@ -61,6 +61,9 @@ class MemoryPlan:
         assert kind in ("state", "gradients", "activations"), kind
         self.lines.append((component, nbytes, formula, kind))
 
+    def replace(self, component: str, nbytes: float, formula: str) -> None:
+        self.lines = [(c, nbytes, formula, k) if c == component else (c, b, f, k) for c, b, f, k in self.lines]
+
     def _sum(self, kind: str) -> float:
         return sum(b for _, b, _, k in self.lines if k == kind)
 
@@ -124,6 +127,20 @@ def model_states(total: int, trainable: int, method: str, recipe: str = "12-byte
 
 def _kind(part: str) -> str:
     return "gradients" if part == "gradients" else "state"
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def adamw8bit_bytes(numels, blocksize: int = 2048, min_8bit_size: int = 4096) -> tuple[int, str]:
+    """State of lorakit's 8-bit AdamW for tensors of these sizes: 2 B/param + 2 fp32 absmax per block,
+    fp32 moments (8 B/param) for tensors under `min_8bit_size` elements."""
+    numels = list(numels)
+    big = [n for n in numels if n >= min_8bit_size]
+    small = sum(n for n in numels if n < min_8bit_size)
+    blocks = sum(-(-n // blocksize) for n in big)
+    total = 2 * sum(big) + 8 * blocks + 8 * small
+    return total, f"{sum(big):,} params x 2 B + {blocks:,} blocks x 2 x 4 B + {small:,} small params x 8 B"
 
 
 def tenant_storage(base_gb: float, adapter_mb: float, tenants: int) -> dict:

@@ -55,10 +55,12 @@ def _needed(config, *names):
 def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", method: str = "lora",
                recipe: str = "12-byte", frozen_bytes: float = 2, seq_len: int = 512, micro_batch: int = 1,
                grad_checkpointing: bool = False, activation_bytes: int = 2, double_quant: bool = True,
-               config=None, grad_accum: int = 1) -> dict:
+               config=None, grad_accum: int = 1, optimizer: str = "adamw") -> dict:
     """The plan for model `ref` (or for an already-loaded `config`, whose `architectures` names the class)."""
     if method not in mem.METHODS:
         raise ValueError(f"--method {method!r}: expected one of {mem.METHODS}")
+    if optimizer not in mem.OPTIMIZERS:
+        raise ValueError(f"--optimizer {optimizer!r}: expected one of {mem.OPTIMIZERS}")
     config = config if config is not None else load_config(ref)
     model = meta_model(config, ref)
     total = sum(p.numel() for p in model.parameters())
@@ -89,6 +91,13 @@ def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", m
         trainable += dora_extra
     states = mem.model_states(total, trainable, method, recipe, frozen_bytes, quantized if method == "qlora" else 0,
                               double_quant)
+    if optimizer == "adamw8bit":         # per tensor: small ones keep fp32 moments
+        numels = [p.numel() for p in (model.parameters() if method == "full" else
+                                      (p for p in model.parameters() if p.requires_grad))]
+        nbytes, formula = mem.adamw8bit_bytes(numels)
+        if method == "dora":
+            nbytes, formula = nbytes + 8 * dora_extra, formula + f" + {dora_extra:,} DoRA magnitudes x 8 B"
+        states.replace("optimizer" if method == "full" else "adapter optimizer", nbytes, "8-bit AdamW: " + formula)
     activations = None
     if getattr(config, "model_type", None) in ("llama", "mistral", "qwen2", "qwen3"):
         hidden, layers, heads, inter = _needed(config, "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -113,6 +122,7 @@ def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", m
     adapter_bytes = (trainable if method != "full" else 0) * 4   # lorakit writes adapters in fp32
     return {
         "model": str(ref), "architecture": type(model).__name__, "method": method, "recipe": recipe,
+        "optimizer": optimizer,
         "r": r, "alpha": alpha, "targets": targets,
         "parameters": {"total": total, "trainable": trainable, "percent": 100 * trainable / total,  # of the base
                        "adapted_modules": len(adapted), "by_kind": by_kind,

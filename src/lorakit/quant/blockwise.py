@@ -99,8 +99,39 @@ def absmax_codes(flat: torch.Tensor, blocksize: int, bounds: torch.Tensor) -> tu
             absmax[-1] = am
             pieces.append(torch.clamp(part[full:] / am, -1, 1))
         scaled = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        idx[start:start + part.numel()] = torch.bucketize(scaled, bounds)
+        idx[start:start + part.numel()] = nearest(scaled, bounds)
     return idx, absmax
+
+
+def nearest(scaled: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """`torch.bucketize(scaled, bounds)` for fp32 values in [-1, 1], by table lookup (several x faster).
+
+    The top 16 bits of an fp32 (its bfloat16 truncation) name a small interval of values. A
+    64K-entry table holds, per interval, the bucket of its lowest value; at most one midpoint
+    lies inside any interval (checked when the table is built), so one comparison finishes the
+    job: exact, not approximate. Falls back to `bucketize` if a codebook is too dense for that.
+    """
+    table = _bucket_table(bounds.cpu().numpy().tobytes())
+    if table is None:
+        return torch.bucketize(scaled, bounds)
+    table = table.to(scaled.device)
+    ext = torch.cat([bounds, bounds.new_full((1,), float("inf"))])
+    top = (scaled.view(torch.int32) >> 16) & 0xFFFF
+    idx = torch.index_select(table, 0, top)                 # index_select: the fast gather on CPU
+    return idx + (scaled > torch.index_select(ext, 0, idx))
+
+
+@lru_cache(maxsize=16)
+def _bucket_table(key: bytes) -> torch.Tensor | None:
+    bounds = torch.frombuffer(bytearray(key), dtype=torch.float32)
+    patterns = torch.arange(1 << 16, dtype=torch.int32)
+    ends = torch.stack([(patterns << 16).view(torch.float32), ((patterns << 16) | 0xFFFF).view(torch.float32)])
+    lo, hi = ends.min(dim=0).values, ends.max(dim=0).values       # negative numbers truncate toward zero
+    inside = torch.isfinite(lo) & torch.isfinite(hi) & (hi >= -1) & (lo <= 1)
+    first, last = torch.bucketize(lo, bounds), torch.bucketize(hi, bounds)
+    if ((last - first)[inside] > 1).any():
+        return None
+    return first.to(torch.int32)
 
 
 def quantize_blockwise(tensor: torch.Tensor, blocksize: int = 4096, code: torch.Tensor | None = None,

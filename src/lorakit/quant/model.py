@@ -8,7 +8,6 @@ base. Inject LoRA afterwards, as on any base.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings

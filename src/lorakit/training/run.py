@@ -19,6 +19,7 @@ from ..config import FullConfig, LoraConfig
 from ..inject import inject, trainable_report
 from ..io.atomic import write_text
 from ..models import load_base
+from ..optim import state_bytes
 from ..quant import prepare_for_training, quantize
 from . import checkpoint, distributed
 from .data import load_dataset
@@ -126,6 +127,8 @@ def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemo
         "data": {"rows": len(train_set), "truncated": train_set.truncated, "dropped_no_labels": train_set.dropped,
                  "bad_rows": len(train_set.bad_rows), "packed_rows": len(trainer.rows) if cfg.packing else None},
         "peak_memory": memory.summary(),
+        "optimizer": {"name": cfg.optimizer, "class": type(trainer.optimizer).__name__,
+                      "state_bytes": state_bytes(trainer.optimizer), "note": trainer.optimizer_note},
     }
     if tracer is not None:
         summary["peak_memory"]["tensor_peak_bytes"] = tracer.peak
@@ -179,8 +182,11 @@ def _planned(model, cfg: TrainConfig, method_cfg, train_set, world: int = 1) -> 
         method = "qlora" if cfg.quantize else cfg.method
         plan = plan_model(cfg.model, **shape, method=method, recipe="fp32", frozen_bytes=dtype_bytes, seq_len=seq,
                           micro_batch=micro, grad_checkpointing=cfg.grad_checkpointing, grad_accum=cfg.grad_accum,
-                          activation_bytes=2 if cfg.bf16 else dtype_bytes, config=config)
+                          activation_bytes=2 if cfg.bf16 else dtype_bytes, config=config,
+                          optimizer="adamw" if cfg.optimizer == "adamw" else "adamw8bit")
     except (ValueError, OSError) as e:   # e.g. a model class transformers cannot rebuild from its config
         return {"error": str(e)}
+    optimizer = next(c["bytes"] for c in plan["memory"]["components"] if c["component"].endswith("optimizer"))
     return {"total_bytes": plan["memory"]["total_bytes"], "components": plan["memory"]["components"],
+            "optimizer_bytes": optimizer,
             "peak_rule": plan["memory"]["peak_rule"], "recipe": "fp32", "seq_len": seq, "micro_batch": micro}

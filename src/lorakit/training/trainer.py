@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from ..io.atomic import write_text
 from . import checkpoint, distributed
 from .data import IGNORE, Dataset, collate, collate_packed, pack
+from ..optim import AdamW8bit
 from .memory import return_freed_memory
 from .outputs import AdapterWeights
 from .schedule import lr_factor
@@ -47,6 +49,9 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata=_doc("micro-batches per optimizer step"))
     lr: float = field(default=2e-4, metadata=_doc("peak learning rate"))
     warmup: float = field(default=0.05, metadata=_doc("warmup: a fraction of the steps if < 1, else a step count"))
+    optimizer: str = field(default="adamw", metadata=_doc(
+        "adamw (fp32 moments, 8 B/param), adamw8bit (blockwise 8-bit moments, ~2 B/param), or paged_adamw8bit "
+        "(bitsandbytes' paged optimizer on CUDA; on CPU paging does not apply and adamw8bit is used)"))
     weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay on the trained parameters"))
     max_grad_norm: float = field(default=1.0, metadata=_doc("clip the global gradient norm (0 = off)"))
     max_len: int = field(default=512, metadata=_doc("truncate rows to this many tokens"))
@@ -82,8 +87,31 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr = {self.lr!r}: expected a positive number")
         if self.epochs <= 0:
             raise ValueError(f"TrainConfig.epochs = {self.epochs!r}: expected > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer = {self.optimizer!r}: expected one of {OPTIMIZERS}")
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"TrainConfig.quantize = {self.quantize!r}: expected 'nf4' or None")
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+def make_optimizer(name: str, params: list, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, str | None]:
+    """(optimizer, a note on what was substituted, if anything)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), None
+    note = None
+    if name == "paged_adamw8bit":
+        if params[0].device.type == "cuda":
+            try:
+                import bitsandbytes as bnb
+                return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay), None
+            except ImportError:
+                note = "paged_adamw8bit needs bitsandbytes on CUDA; it is not installed: using lorakit's 8-bit AdamW"
+        else:
+            note = (f"paging does not apply on {params[0].device.type} (optimizer state already lives in host "
+                    "memory): using lorakit's 8-bit AdamW")
+    return AdamW8bit(params, lr=lr, weight_decay=weight_decay), note
 
 
 class NonFiniteLoss(RuntimeError):
@@ -167,7 +195,10 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters: inject an adapter first")
         self.names = {p: n for n, p in self.params.items()}
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer, self.optimizer_note = make_optimizer(cfg.optimizer, list(self.params.values()), cfg.lr,
+                                                             cfg.weight_decay)
+        if self.optimizer_note and distributed.is_main():
+            print(f"optimizer: {self.optimizer_note}", file=sys.stderr)
         self.per_epoch = math.ceil(len(self.rows) / cfg.batch_size)
         self.total = cfg.steps or max(1, math.ceil(cfg.epochs * self.per_epoch / cfg.grad_accum))
         self.warmup = int(cfg.warmup * self.total) if cfg.warmup < 1 else int(cfg.warmup)
