@@ -134,3 +134,20 @@ def test_qlora_training_changes_only_the_adapter(tmp_path, carrier):
     assert after.keys() == frozen.keys()
     assert all(torch.equal(after[k], frozen[k]) for k in frozen)   # the 4-bit base is bit-for-bit unchanged
     assert summary["planned_memory"]["components"][0]["component"] == "frozen weights (NF4 payload)"
+
+
+@pytest.mark.embedded
+@torch.no_grad()
+def test_embedded_model_quantizes_to_under_0_135_of_fp32(embedded_folder):
+    model, tok = lk.load_base("smollm2-135m-instruct")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    before = model(ids).logits
+    names = quantize(model)
+    sizes = weight_bytes(model)
+    assert len(names) == 210 and sizes["layers"] == 210
+    assert sizes["ratio"] <= 0.135
+    after = model(ids).logits
+    assert after[0, -1].argmax() == before[0, -1].argmax()                  # the same next token
+    # NF4 costs a 135M model more than the 7B+ models of the QLoRA paper (prose perplexity +29%,
+    # BENCHMARKS.md); the logits stay close in direction
+    assert torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.9

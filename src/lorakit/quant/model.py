@@ -56,11 +56,15 @@ def weight_bytes(model: nn.Module) -> dict:
 
 def prepare_for_training(model: nn.Module) -> nn.Module:
     """QLoRA's base preparation: freeze everything, norms (and other small float params) in fp32,
-    input embeddings' output requiring grad (needed by gradient checkpointing over a frozen base)."""
+    input embeddings' output requiring grad (needed by gradient checkpointing over a frozen base).
+    Float weights that remain are copied out of the checkpoint file's memory map, so that after
+    `lorakit.training.memory.trim_heap()` the process holds the 4-bit model, not the float one."""
     for p in model.parameters():
         p.requires_grad_(False)
         if p.dtype in (torch.float16, torch.bfloat16) and p.dim() == 1:     # norms and biases
             p.data = p.data.float()
+        else:          # own the memory: a weight still backed by the loaded file keeps all its pages resident
+            p.data = p.data.clone()
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model

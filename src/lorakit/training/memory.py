@@ -51,6 +51,17 @@ def return_freed_memory(threshold: int = 64 * 1024) -> bool:
     return ok
 
 
+def trim_heap() -> bool:
+    """Hand freed heap memory back to the OS now (glibc `malloc_trim`), e.g. after quantizing a
+    loaded float model, whose freed weights would otherwise stay in RSS. False off glibc."""
+    import gc
+    gc.collect()
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0) == 1
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def rss_bytes() -> int:
     kb = _status_kb("VmRSS")
     return kb * 1024 if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -23,7 +23,7 @@ from ..optim import state_bytes
 from ..quant import prepare_for_training, quantize
 from . import checkpoint, distributed
 from .data import load_dataset
-from .memory import PeakMemory, TensorPeak, model_tensors
+from .memory import PeakMemory, TensorPeak, model_tensors, trim_heap
 from .outputs import AdapterWeights, ModelWeights
 from .trainer import Trainer, TrainConfig
 
@@ -95,6 +95,7 @@ def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemo
     if cfg.quantize:                       # QLoRA: a 4-bit frozen base under the adapter
         quantize(model, compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
         prepare_for_training(model)
+        trim_heap()                        # the float weights just freed leave RSS
     if full:
         model.requires_grad_(True)
     elif resume_from is None:
