@@ -30,3 +30,10 @@ def embedded_folder(tmp_path_factory):
         yield models.resolve_folder(models.EMBEDDED)
     finally:
         mp.undo()
+
+
+@pytest.fixture(scope="session")
+def carrier(tmp_path_factory):
+    """A small carrier-policy data set (train + held-out JSONL)."""
+    from lorakit.datasets import write
+    return write(tmp_path_factory.mktemp("carrier"), n_train=40, n_heldout=12, seed=0)

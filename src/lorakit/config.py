@@ -19,7 +19,10 @@ def _doc(text: str, **kw) -> dict:
 
 @dataclass
 class LoraConfig:
-    """Low-rank adaptation: h = W0 x + s * B A dropout(x) (Hu et al., 2021, arXiv:2106.09685)."""
+    """Low-rank adaptation: h = W0 x + s * B A dropout(x) (Hu et al., 2021, arXiv:2106.09685).
+
+    With `use_dora`, DoRA (Liu et al., 2024, arXiv:2402.09353): W' = m (W0 + s B A) / ||W0 + s B A||.
+    """
 
     # `--rank` too: torchrun's own parser rejects `--r` as an ambiguous prefix of its flags.
     r: int = field(default=16, metadata=_doc("rank of the update B A", aliases=["--rank"]))
@@ -31,6 +34,10 @@ class LoraConfig:
     )
     exclude: Targets = field(default=None, metadata=_doc("modules never adapted; same rules as targets"))
     use_rslora: bool = field(default=False, metadata=_doc("rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski, 2023)"))
+    use_dora: bool = field(
+        default=False,
+        metadata=_doc("DoRA (Liu et al., 2024): learn a magnitude per output channel, W' = m V / ||V||, V = W0 + s B A"),
+    )
     init: str = field(
         default="default",
         metadata=_doc("A init: 'default' Kaiming-uniform, 'gaussian' N(0, (1/r)^2); B is always zero"),
@@ -44,6 +51,7 @@ class LoraConfig:
         _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", self.r, "an integer >= 1")
         _check(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number")
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        _check(isinstance(self.use_dora, bool), "use_dora", self.use_dora, "true or false")
         _check(self.init in ("default", "gaussian"), "init", self.init, "'default' or 'gaussian'")
         _check(self.bias == "none", "bias", self.bias, "'none' (training biases is not supported)")
         self.targets = _check_targets("targets", self.targets, allow_none=False)

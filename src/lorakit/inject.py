@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .methods.base import AdapterLayer
+from .methods.dora import DoraAdapter
 from .methods.lora import LoraAdapter
 from .methods.modules_to_save import ModulesToSave
 from .targets import kind, resolve, resolve_modules_to_save
@@ -72,9 +73,13 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
         if layer is not model.get_submodule(module_name):
             replace_module(model, module_name, layer)
         weight = layer.base_layer.weight
-        layer.adapters[name] = LoraAdapter(
-            layer.d_in, layer.d_out, config.rank_for(module_name), config.scale_for(module_name),
-            config.dropout, config.init, dtype=_adapter_dtype(weight), device=weight.device)
+        r, scale, dtype = config.rank_for(module_name), config.scale_for(module_name), _adapter_dtype(weight)
+        if config.use_dora:   # the magnitude starts at the row norms of the base with no adapter merged
+            layer.adapters[name] = DoraAdapter(layer.unmerged_base_weight(), r, scale, config.dropout, config.init,
+                                               dtype=dtype, device=weight.device)
+        else:
+            layer.adapters[name] = LoraAdapter(layer.d_in, layer.d_out, r, scale, config.dropout, config.init,
+                                               dtype=dtype, device=weight.device)
     for module_name in saved:
         wrapper = model.get_submodule(module_name)
         if not isinstance(wrapper, ModulesToSave):

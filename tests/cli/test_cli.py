@@ -74,3 +74,11 @@ def test_demo_pipeline_on_embedded(embedded_folder, tmp_path, capsys):
     assert report["regression"]["ppl_off"] > 1 and report["task"]["after"]["n"] == 6
     for name in ("adapter/adapter_model.safetensors", "eval_report.md", "loss.png", "metrics.jsonl", "summary.json"):
         assert (run / name).is_file(), name
+
+
+@pytest.mark.parametrize("command", ["train", "plan", "eval", "inspect", "merge", "demo"])
+def test_every_command_has_working_help(capsys, command):
+    from lorakit.cli import main
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0 and "usage" in capsys.readouterr().out

@@ -49,7 +49,12 @@ CASES = {
     "modules the model lacks": (lambda f: _edit_config(f, target_modules=["q_proj", "wq"]),
                                 r"target_modules \['wq'\] matched no linear module"),
     "unsupported peft_type": (lambda f: _edit_config(f, peft_type="IA3"), r"unsupported peft_type 'IA3'"),
-    "dora": (lambda f: _edit_config(f, use_dora=True), r"use_dora = True is not supported.*DoRA"),
+    "dora without magnitudes": (lambda f: _edit_config(f, use_dora=True),
+                                r"use_dora: true, but .* lacks the DoRA magnitude vectors of 4 modules: "
+                                r"model\.layers\.0\.self_attn\.q_proj\.lora_magnitude_vector"),
+    "magnitude without use_dora": (lambda f: _edit_tensors(f, lambda t: t.update(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)})),
+        r"lora_magnitude_vector is a DoRA magnitude, but .* does not set use_dora: true"),
     "lora bias": (lambda f: _edit_config(f, lora_bias=True), r"lora_bias = True is not supported"),
     "unknown feature": (lambda f: _edit_config(f, some_new_option={"x": 1}), r"some_new_option = .* is not supported"),
     "pissa init": (lambda f: _edit_config(f, init_lora_weights="pissa"), r"init_lora_weights = 'pissa'"),
@@ -92,3 +97,14 @@ def test_wrong_architecture_is_refused(folder):
     with pytest.raises(lk.AdapterFormatError, match="matched no linear module"), \
             pytest.warns(UserWarning, match="trained on base model 'tiny-llama'"):
         lk.load_adapter(model, folder)
+
+
+def test_dora_folder_loads(tmp_path):
+    model = lk.tiny_model("llama")
+    lk.inject(model, lk.LoraConfig(r=4, targets="qv", use_dora=True))
+    randomize(model)
+    x = inputs(model)
+    lk.save_adapter(model, tmp_path)
+    again = lk.load_adapter(lk.tiny_model("llama"), tmp_path)
+    assert again.lorakit_configs["default"].use_dora
+    torch.testing.assert_close(logits(again, x), logits(model, x), atol=1e-6, rtol=0)

@@ -15,6 +15,7 @@ VARIANTS = {
     "rank_pattern": {"llama": {"rank_pattern": {"layers.1.self_attn.q_proj": 2}, "alpha_pattern": {"v_proj": 3}},
                      "gpt2": {"rank_pattern": {"h.1.attn.c_attn": 2}, "alpha_pattern": {"h.0.mlp.c_fc": 3}}},
     "modules_to_save": {},
+    "dora": {"use_dora": True},
 }
 SAVE = {"llama": ["lm_head"], "gpt2": ["ln_f"]}
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}

@@ -18,6 +18,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, only: list[str] | None
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, {}) else "")
+        help_text = help_text.replace("%", "%%")          # argparse formats help with %
         if f.type in ("bool", bool):
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name in ("targets", "exclude", "modules_to_save"):

@@ -1,7 +1,9 @@
 """Adapter folders in the Hugging Face PEFT format: adapter_config.json + adapter_model.safetensors.
 
 Tensor keys are `base_model.model.<module path>.lora_A.weight` (r, d_in) and `.lora_B.weight`
-(d_out, r), adapter name stripped; modules_to_save copies are stored under their own path.
+(d_out, r), adapter name stripped; a DoRA adapter (`use_dora: true`) adds peft's
+`.lora_magnitude_vector` (d_out,), with no `.weight` suffix. modules_to_save copies are stored
+under their own path.
 Reading is tolerant of what we can honour and strict about what we cannot: an unsupported
 feature, a missing or unexpected tensor, a shape mismatch or a corrupt file raises before the
 model is touched. Only safetensors are ever read (never pickles).
@@ -21,6 +23,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..inject import adapter_layers, configs, inject, saved_wrappers
 from ..methods.base import linear_shape
+from ..methods.dora import DoraAdapter
 from ..targets import TargetError, portable_targets, resolve, resolve_modules_to_save
 from .atomic import atomic_path, write_text
 
@@ -31,11 +34,11 @@ PREFIX = "base_model.model."
 # Keys we read and honour, keys that carry no meaning for the weights, and friendlier words for
 # features we refuse. Any other key with a non-empty value is refused by name.
 _HONOURED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
-             "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
+             "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights",
+             "use_dora"}
 _INFORMATIONAL = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
                   "megatron_core", "qalora_group_size", "layers_pattern"}
 _REFUSED = {
-    "use_dora": "DoRA (use_dora) adapters",
     "lora_bias": "LoRA bias terms (lora_bias)",
     "layers_to_transform": "adapters restricted to some layers (layers_to_transform)",
     "layer_replication": "layer replication",
@@ -46,6 +49,9 @@ _REFUSED = {
 }
 _PORTABLE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # these only change initial values
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+# peft writes `<module>.lora_magnitude_vector`; its in-memory name `...vector.<adapter>.weight` is read too
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
+MAGNITUDE = "lora_magnitude_vector"
 
 
 class AdapterFormatError(ValueError):
@@ -89,7 +95,7 @@ def peft_config_dict(model: nn.Module, name: str) -> dict:
         "modules_to_save": cfg.modules_to_save,
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,
@@ -104,6 +110,8 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             adapter = layer.adapters[name]
             out[f"{PREFIX}{lname}.lora_A.weight"] = adapter.A
             out[f"{PREFIX}{lname}.lora_B.weight"] = adapter.B
+            if isinstance(adapter, DoraAdapter):
+                out[f"{PREFIX}{lname}.{MAGNITUDE}"] = adapter.m
     for wname, wrapper in saved_wrappers(model):
         if name in wrapper.copies:
             for key, value in wrapper.copies[name].state_dict().items():
@@ -165,7 +173,8 @@ def config_from_peft(raw: dict, source: str | Path = CONFIG_NAME) -> LoraConfig:
         return LoraConfig(
             r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0) or 0.0,
             targets=raw["target_modules"], exclude=raw.get("exclude_modules") or None,
-            use_rslora=bool(raw.get("use_rslora", False)), init="gaussian" if init == "gaussian" else "default",
+            use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)),
+            init="gaussian" if init == "gaussian" else "default",
             modules_to_save=raw.get("modules_to_save") or None,
             rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {})
     except ValueError as e:
@@ -217,6 +226,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         r = cfg.rank_for(t)
         expected[f"{t}.lora_A"] = (r, d_in)
         expected[f"{t}.lora_B"] = (d_out, r)
+        if cfg.use_dora:
+            expected[f"{t}.{MAGNITUDE}"] = (d_out,)
         if isinstance(layer, nn.Linear) and raw.get("fan_in_fan_out"):
             warnings.warn(f"{config_path}: fan_in_fan_out is true but {t} is an nn.Linear; using the layer's own layout",
                           stacklevel=2)
@@ -229,12 +240,22 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     found: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         short = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if ".lora_embedding_" in short or ".lora_magnitude_vector" in short:
+        if ".lora_embedding_" in short:
             raise AdapterFormatError(f"{weights_path}: tensor {key} belongs to a feature lorakit does not support "
-                                     "(LoRA on embeddings or DoRA)")
+                                     "(LoRA on embeddings)")
+        if (m := _MAGNITUDE_KEY.match(short)) is not None:
+            if not cfg.use_dora:
+                raise AdapterFormatError(f"{weights_path}: tensor {key} is a DoRA magnitude, but {config_path} "
+                                         "does not set use_dora: true")
+            found[f"{m['module']}.{MAGNITUDE}"] = value
+            continue
         m = _LORA_KEY.match(short)
         found[f"{m['module']}.lora_{m['ab']}" if m else short] = value
     missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    no_magnitude = [k for k in missing if k.endswith(MAGNITUDE)]
+    if no_magnitude:
+        raise AdapterFormatError(f"{config_path} sets use_dora: true, but {weights_path} lacks the DoRA magnitude "
+                                 f"vectors of {len(no_magnitude)} modules: {_listing(no_magnitude)}")
     if missing or unexpected:
         parts = ([f"missing tensors for {_listing(missing)}"] if missing else []) + \
                 ([f"unexpected tensors {_listing(unexpected)}"] if unexpected else [])
@@ -250,6 +271,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             adapter = model.get_submodule(t).adapters[name]
             adapter.A.copy_(found[f"{t}.lora_A"])
             adapter.B.copy_(found[f"{t}.lora_B"])
+            if cfg.use_dora:
+                adapter.m.copy_(found[f"{t}.{MAGNITUDE}"])
         for s in saved:
             copy = model.get_submodule(s).copies[name]
             for key, value in copy.state_dict().items():

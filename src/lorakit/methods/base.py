@@ -39,8 +39,10 @@ class WeightAdapter(nn.Module):
         """The update to the `(d_out, d_in)` base weight; the one source for forward, merge, unmerge."""
         raise NotImplementedError
 
-    def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta_weight(weight).to(weight.dtype)
+    def merge_into(self, weight: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight` with this adapter merged in. `base` is the layer's weight with no adapter merged
+        (default: `weight`), the W0 the forward sees; only adapters whose update depends on W0 (DoRA) read it."""
+        return weight + self.delta_weight(weight if base is None else base).to(weight.dtype)
 
     def unmerge_from(self, weight: torch.Tensor) -> torch.Tensor:
         return weight - self.delta_weight(weight).to(weight.dtype)
@@ -62,6 +64,7 @@ class AdapterLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
+        self._sq_norms = None   # (weight tensor, its version, ||W0||^2 per row): see base_sq_norms
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -77,7 +80,36 @@ class AdapterLayer(nn.Module):
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
 
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight (float) with every merged adapter taken out: the W0 the forward's adapters see."""
+        with torch.no_grad():
+            w = self.base_weight().detach().float()
+            for name in reversed(self.merged):
+                w = self.adapters[name].unmerge_from(w)
+        return w
+
+    def base_sq_norms(self) -> torch.Tensor:
+        """||W||^2 of each output row of the base weight as it stands, (d_out,), at least fp32; cached.
+
+        The cache holds the weight tensor itself and its version counter, so an in-place write
+        (`load_state_dict`, `copy_`) or a replaced tensor misses it; `_write_base_weight` (merge,
+        unmerge) and `_apply` (`.to()`, `.half()`: the Parameter object survives those) drop it.
+        """
+        t = self.base_layer.weight
+        cached = self._sq_norms
+        if cached is None or cached[0] is not t or cached[1] != t._version:
+            with torch.no_grad():
+                w = self.base_weight().detach()
+                w = w.to(torch.promote_types(w.dtype, torch.float32))
+                cached = self._sq_norms = (t, t._version, w.square().sum(1))   # (d_out,)
+        return cached[2]
+
+    def _apply(self, fn, recurse=True):
+        self._sq_norms = None
+        return super()._apply(fn, recurse)
+
     def _write_base_weight(self, w_out_in: torch.Tensor) -> None:
+        self._sq_norms = None
         if isinstance(self.base_layer, Linear4bit):      # the merged weight stays float
             self.base_layer = self.base_layer.to_linear(w_out_in.to(self.base_layer.quant_state.dtype))
             return
@@ -89,8 +121,9 @@ class AdapterLayer(nn.Module):
         """The base weight with `names` merged in, computed without touching the layer."""
         with torch.no_grad():
             w = self.base_weight().detach().float()
+            base = self.unmerged_base_weight() if self.merged else w
             for name in names:
-                w = self.adapters[name].merge_into(w)
+                w = self.adapters[name].merge_into(w, base)
         return w
 
     def merge(self, names: list[str]) -> None:
