@@ -1,5 +1,5 @@
 """lorakit: parameter-efficient fine-tuning and multi-adapter serving."""
-from .config import LoraConfig
+from .config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from .inject import active_adapters, delete_adapter, disabled, inject, set_active, trainable_report
 from .io.peft_format import AdapterFormatError, load_adapter, save_adapter
 from .merge import MergeError, merge, merge_and_unload, unmerge
@@ -9,7 +9,7 @@ from .training import NonFiniteLoss, TrainConfig, train
 
 __version__ = "0.1.0"
 __all__ = [
-    "LoraConfig", "inject", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload", "disabled",
+    "LoraConfig", "PromptTuningConfig", "PrefixTuningConfig", "inject", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload", "disabled",
     "load_base", "trainable_report", "set_active", "active_adapters", "delete_adapter", "tiny_model",
     "AdapterFormatError", "MergeError", "TargetError", "train", "TrainConfig", "NonFiniteLoss",
 ]

@@ -127,3 +127,49 @@ class FullConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class PromptTuningConfig:
+    """Prompt tuning: learned virtual-token embeddings before the input (Lester et al., 2021, arXiv:2104.08691)."""
+
+    num_virtual_tokens: int = field(default=20, metadata=_doc("virtual tokens (prompt and prefix tuning)"))
+    prompt_init: str = field(default="random", metadata=_doc(
+        "prompt embeddings' init: random (N(0,1), as peft), vocab (sampled token embeddings) or text"))
+    init_text: str = field(default=None, metadata=_doc("text whose token embeddings start the prompt (prompt_init=text)"))
+
+    def __post_init__(self):
+        _check_n(self, "PromptTuningConfig")
+        if self.prompt_init not in ("random", "vocab", "text"):
+            raise ValueError(f"PromptTuningConfig.prompt_init = {self.prompt_init!r}: expected random, vocab or text")
+        if self.prompt_init == "text" and not self.init_text:
+            raise ValueError("PromptTuningConfig.init_text: prompt_init='text' needs a non-empty text")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PrefixTuningConfig:
+    """Prefix tuning: learned keys and values at every attention layer (Li & Liang, 2021, arXiv:2101.00190)."""
+
+    num_virtual_tokens: int = field(default=20, metadata=_doc("virtual tokens (prompt and prefix tuning)"))
+    projection: int = field(default=0, metadata=_doc(
+        "hidden size of the reparameterisation MLP that produces the prefix while training (0: none)"))
+
+    def __post_init__(self):
+        _check_n(self, "PrefixTuningConfig")
+        if not isinstance(self.projection, int) or isinstance(self.projection, bool) or self.projection < 0:
+            raise ValueError(f"PrefixTuningConfig.projection = {self.projection!r}: expected an integer >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+INPUT_CONFIGS = (PromptTuningConfig, PrefixTuningConfig)
+
+
+def _check_n(config, cls: str) -> None:
+    n = config.num_virtual_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{cls}.num_virtual_tokens = {n!r}: expected an integer >= 1")

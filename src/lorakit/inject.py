@@ -1,9 +1,10 @@
 """Putting adapters into a model and taking them out: inject, activate, disable, delete, report.
 
 The model stays the caller's transformers model, changed in place: target layers become
-`AdapterLayer`s, `modules_to_save` become `ModulesToSave`, and the configs live in
-`model.lorakit_configs` ({adapter name: config}). Injecting the same name twice is an error,
-not a second adapter.
+`AdapterLayer`s, `modules_to_save` become `ModulesToSave`, input adapters (prompt, prefix) live in
+`model.lorakit_inputs` and enter through hooks on the decoder (`methods/input.py`), and the configs
+live in `model.lorakit_configs` ({adapter name: config}). Injecting the same name twice is an
+error, not a second adapter. At most one input adapter is active at a time.
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import INPUT_CONFIGS, LoraConfig, PromptTuningConfig
+from .methods import input as input_hooks
 from .methods.base import AdapterLayer
 from .methods.dora import DoraAdapter
+from .methods.prefix import PrefixTuning, kv_layout
+from .methods.prompt import PromptTuning
 from .methods.lora import LoraAdapter
 from .methods.modules_to_save import ModulesToSave
 from .targets import kind, resolve, resolve_modules_to_save
@@ -50,12 +54,31 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
-    """Add adapter `name` to `model` (in place) and return it. The first adapter becomes active."""
+def input_adapters(model: nn.Module) -> nn.ModuleDict:
+    inputs = getattr(model, "lorakit_inputs", None)
+    return inputs if inputs is not None else nn.ModuleDict()
+
+
+def active_input(model: nn.Module):
+    """The input adapter the decoder hooks apply now (None when bypassed by `disabled`)."""
+    if model.__dict__.get("lorakit_bypass"):
+        return None
+    inputs = input_adapters(model)
+    return next((inputs[n] for n in active_adapters(model) if n in inputs), None)
+
+
+def inject(model: nn.Module, config, name: str = "default", tokenizer=None) -> nn.Module:
+    """Add adapter `name` to `model` (in place) and return it. The first adapter becomes active.
+
+    `config`: a LoraConfig (LoRA or DoRA), PromptTuningConfig or PrefixTuningConfig. `tokenizer`
+    is needed only for a prompt initialised from text.
+    """
     if not _NAME.match(name):
         raise ValueError(f"adapter name {name!r}: use letters, digits, '_' or '-' (no dots)")
     if name in configs(model):
         raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
+    if isinstance(config, INPUT_CONFIGS):
+        return _inject_input(model, config, name, tokenizer)
     targets = resolve(model, config.targets, config.exclude)          # raises before anything changes
     saved = resolve_modules_to_save(model, config.modules_to_save or [])
     overlap = [t for t in targets if any(t == s or t.startswith(s + ".") for s in saved)]
@@ -99,6 +122,38 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     return model
 
 
+def _inject_input(model: nn.Module, config, name: str, tokenizer) -> nn.Module:
+    embedding = model.get_input_embeddings()
+    dtype = _adapter_dtype(embedding.weight)
+    if isinstance(config, PromptTuningConfig):
+        adapter = PromptTuning(config.num_virtual_tokens, embedding.weight.shape[1], dtype, embedding.weight.device)
+        token_ids = None
+        if config.prompt_init == "text":
+            if tokenizer is None:
+                raise ValueError("PromptTuningConfig(prompt_init='text') needs inject(..., tokenizer=...)")
+            token_ids = tokenizer(config.init_text, add_special_tokens=False).input_ids
+        adapter.initialise(config.prompt_init, embedding, token_ids)
+        adapter.bind(embedding)
+    else:
+        layers, kv_heads, head_dim = kv_layout(model.config)
+        adapter = PrefixTuning(config.num_virtual_tokens, layers, kv_heads, head_dim, config.projection, dtype,
+                               embedding.weight.device).bind(model)
+    if not configs(model):
+        model.requires_grad_(False)
+    if getattr(model, "lorakit_inputs", None) is None:
+        model.lorakit_inputs = nn.ModuleDict()
+    model.lorakit_inputs[name] = adapter
+    input_hooks.install(model, active_input)
+    configs(model)[name] = config
+    model.__dict__.setdefault("lorakit_targets", {})[name] = []
+    if not active_adapters(model):
+        set_active(model, name)
+    else:
+        _set_trainable(model)
+    log.info("adapter %r: %s with %d virtual tokens", name, type(config).__name__, config.num_virtual_tokens)
+    return model
+
+
 def active_adapters(model: nn.Module) -> list[str]:
     return list(model.__dict__.get("lorakit_active", []))
 
@@ -109,6 +164,9 @@ def set_active(model: nn.Module, names) -> None:
     unknown = [n for n in names if n not in configs(model)]
     if unknown:
         raise KeyError(f"no adapter named {unknown} (this model has {list(configs(model))})")
+    inputs = [n for n in names if n in input_adapters(model)]
+    if len(inputs) > 1:
+        raise ValueError(f"only one prompt/prefix adapter can be active at a time, not {inputs}")
     for lname, layer in adapter_layers(model):
         stray = [n for n in layer.merged if n not in names]
         if stray:
@@ -129,6 +187,8 @@ def _set_trainable(model: nn.Module) -> None:
     for _, wrapper in saved_wrappers(model):
         for n, copy in wrapper.copies.items():
             copy.requires_grad_(n in active)
+    for n, adapter in input_adapters(model).items():
+        adapter.requires_grad_(n in active)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -152,6 +212,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         wrapper.active = [n for n in wrapper.active if n != name]
         if not wrapper.copies:
             replace_module(model, wname, wrapper.original)
+    if name in input_adapters(model):
+        del model.lorakit_inputs[name]
+        if not len(model.lorakit_inputs):
+            del model.lorakit_inputs
+            input_hooks.uninstall(model)
     del configs(model)[name]
     model.__dict__.get("lorakit_targets", {}).pop(name, None)
     model.__dict__["lorakit_active"] = [n for n in active_adapters(model) if n != name]
@@ -168,9 +233,12 @@ def disabled(model: nn.Module):
         layer.active = []
     for _, wrapper in wrappers:
         wrapper.disabled = True
+    bypass = model.__dict__.get("lorakit_bypass", False)
+    model.__dict__["lorakit_bypass"] = True
     try:
         yield model
     finally:
+        model.__dict__["lorakit_bypass"] = bypass
         for lname, layer in layers:
             layer.active = actives[lname]
             layer.merge(merged[lname])
@@ -221,6 +289,11 @@ def trainable_report(model: nn.Module) -> Report:
         row = by_kind.setdefault(f"{kind(wname)} (full)", {"modules": 0, "params": 0})
         row["modules"] += 1
         row["params"] += n
+    for a, adapter in input_adapters(model).items():
+        if a in active:
+            what = "prompt" if isinstance(adapter, PromptTuning) else "prefix"
+            by_kind[f"{what} ({adapter.n_virtual} virtual tokens)"] = {
+                "modules": 1, "params": sum(p.numel() for p in adapter.parameters())}
     seen = {}
     for p in model.parameters():   # parameters() already skips tied duplicates
         seen[id(p)] = p

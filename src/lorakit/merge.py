@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import active_adapters, adapter_layers, configs, replace_module, saved_wrappers
+from .inject import active_adapters, adapter_layers, configs, input_adapters, replace_module, saved_wrappers
 
 
 class MergeError(RuntimeError):
@@ -21,6 +21,7 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     unknown = [n for n in names if n not in configs(model)]
     if unknown:
         raise KeyError(f"no adapter named {unknown} (this model has {list(configs(model))})")
+    _no_input_adapters(model, names)
     plan = []
     for lname, layer in adapter_layers(model):
         todo = [n for n in names if n in layer.adapters and n not in layer.merged]
@@ -42,8 +43,16 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _no_input_adapters(model: nn.Module, names: list[str]) -> None:
+    inputs = [n for n in names if n in input_adapters(model)]
+    if inputs:
+        raise MergeError(f"adapters {inputs} are prompt/prefix adapters: they live in the inputs and the KV cache, "
+                         "not in any weight, so they cannot be merged")
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and return the plain transformers model, adapters removed."""
+    _no_input_adapters(model, active_adapters(model))
     merge(model)
     active = active_adapters(model)
     for lname, layer in adapter_layers(model):

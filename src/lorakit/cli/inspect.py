@@ -1,6 +1,7 @@
 """Show a model's architecture, its linear modules, what each preset adapts, and the trainable report.
 
-Examples: `lorakit inspect smollm2-135m-instruct --targets qv --r 8`, `lorakit inspect ./my-model --json`.
+Examples: `lorakit inspect smollm2-135m-instruct --targets qv --r 8`, `lorakit inspect ./my-model --json`,
+`lorakit inspect smollm2-135m-instruct --method prefix --num-virtual-tokens 20`.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from ..config import LoraConfig
+from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..inject import inject, trainable_report
 from ..methods.base import linear_shape
 from ..models import load_base
@@ -20,11 +21,23 @@ from .args import add_config_args, config_from_args
 
 def register(p):
     p.add_argument("model", help="smollm2-135m-instruct, a .gguf file, a transformers folder, or tiny-{llama,qwen2,gpt2,bert}")
+    p.add_argument("--method", default="lora", choices=["lora", "dora", "prompt", "prefix"],
+                   help="which adapter's trainable parameters to report (default: lora)")
     add_config_args(p, LoraConfig, only=["r", "alpha", "targets", "exclude", "use_rslora"])
+    add_config_args(p, PrefixTuningConfig)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def inspect_model(model, config: LoraConfig) -> dict:
+def method_config(args):
+    if args.method in ("prompt", "prefix"):
+        kw = {"num_virtual_tokens": args.num_virtual_tokens} if args.num_virtual_tokens else {}
+        if args.method == "prefix" and args.projection is not None:
+            kw["projection"] = args.projection
+        return (PromptTuningConfig if args.method == "prompt" else PrefixTuningConfig)(**kw)
+    return config_from_args(LoraConfig, args, **({"use_dora": True} if args.method == "dora" else {}))
+
+
+def inspect_model(model, config) -> dict:
     names = linear_names(model)
     shapes: dict[str, dict] = {}
     for n in names:
@@ -42,14 +55,14 @@ def inspect_model(model, config: LoraConfig) -> dict:
         "hidden_size": getattr(c, "hidden_size", None),
         "linear_modules": shapes,
         "presets": presets,
-        "config": {"r": config.r, "alpha": config.alpha, "targets": config.targets, "use_rslora": config.use_rslora},
+        "config": config.to_dict(),
         "report": trainable_report(model).to_dict(),
     }
 
 
 def run(args) -> int:
     model, _ = load_base(args.model)
-    info = inspect_model(model, config_from_args(LoraConfig, args))
+    info = inspect_model(model, method_config(args))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -70,7 +83,9 @@ def run(args) -> int:
         t.add_row(p, str(sum(kinds.values())), ", ".join(kinds) or "(matches nothing)")
     console.print(t)
     r = info["report"]
-    t = Table(title=f"Trainable parameters: r={args.r or LoraConfig.r}, targets={info['config']['targets']}")
+    shape = ", ".join(f"{k}={v}" for k, v in info["config"].items() if k in ("r", "targets", "use_dora",
+                                                                               "num_virtual_tokens", "projection"))
+    t = Table(title=f"Trainable parameters ({args.method}): {shape}")
     for col in ("kind", "modules", "params"):
         t.add_column(col, justify="left" if col == "kind" else "right")
     for k, row in r["by_kind"].items():

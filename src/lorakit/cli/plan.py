@@ -26,6 +26,8 @@ def register(p):
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default: 32)")
     p.add_argument("--targets", default="all-linear", help="preset, comma list or regex (default: all-linear)")
     p.add_argument("--method", default="lora", choices=mem.METHODS)
+    p.add_argument("--virtual-tokens", type=int, default=20, help="prompt/prefix tuning: virtual tokens (default: 20)")
+    p.add_argument("--projection", type=int, default=0, help="prefix tuning: reparameterisation MLP width (0: none)")
     p.add_argument("--recipe", default="12-byte", choices=sorted(mem.RECIPES))
     p.add_argument("--optimizer", default="adamw", choices=mem.OPTIMIZERS,
                    help="adamw (8 B/param of state) or adamw8bit (~2 B/param, blockwise 8-bit moments)")
@@ -60,7 +62,8 @@ def build(args) -> dict:
         out["model"] = plan_model(args.model, args.rank, args.alpha, targets, args.method, args.recipe,
                                   DTYPE_BYTES[args.dtype], args.seq_len, args.micro_batch, args.grad_checkpointing,
                                   DTYPE_BYTES[args.dtype], not args.no_double_quant, grad_accum=args.grad_accum,
-                                  optimizer=args.optimizer)
+                                  optimizer=args.optimizer, virtual_tokens=args.virtual_tokens,
+                                  projection=args.projection)
     if args.tenants:
         base_gb = args.base_gb if args.base_gb is not None else \
             (out["model"]["parameters"]["total"] * DTYPE_BYTES[args.dtype] / mem.GB if "model" in out else None)
@@ -111,13 +114,17 @@ def run(args) -> int:
 
 def _print_model(console: Console, p: dict) -> None:
     prm = p["parameters"]
-    t = Table(title=f"{p['model']} ({p['architecture']}): {p['method']}, r={p['r']}, targets={p['targets']}")
-    for col in ("module kind", "modules", "d_in", "d_out", "params / module", "params"):
-        t.add_column(col, justify="left" if col == "module kind" else "right")
-    for k, row in prm["by_kind"].items():
-        t.add_row(k, str(row["modules"]), str(row["d_in"]), str(row["d_out"]), f"{row['lora_params_per_module']:,}",
-                  f"{row['params']:,}")
-    console.print(t)
+    if p["method"] in ("prompt", "prefix"):
+        console.print(f"[bold]{p['model']} ({p['architecture']}): {p['method']} tuning, "
+                      f"{p['virtual_tokens']} virtual tokens[/]")
+    else:
+        t = Table(title=f"{p['model']} ({p['architecture']}): {p['method']}, r={p['r']}, targets={p['targets']}")
+        for col in ("module kind", "modules", "d_in", "d_out", "params / module", "params"):
+            t.add_column(col, justify="left" if col == "module kind" else "right")
+        for k, row in prm["by_kind"].items():
+            t.add_row(k, str(row["modules"]), str(row["d_in"]), str(row["d_out"]),
+                      f"{row['lora_params_per_module']:,}", f"{row['params']:,}")
+        console.print(t)
     console.print(f"trainable {prm['trainable']:,} of {prm['total']:,} base parameters = {prm['percent']:.3f}%"
                   + (f" (DoRA magnitude: +{prm['dora_extra_magnitude']:,})" if p["method"] == "dora" else ""))
     t = Table(title=f"Memory ({p['recipe']} recipe)")

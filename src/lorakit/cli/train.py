@@ -1,4 +1,7 @@
-"""Train an adapter (or, with --method full, every weight) on a JSONL file; flags are TrainConfig's and LoraConfig's.
+"""Train an adapter (or, with --method full, every weight) on a JSONL file; flags come from the configs.
+
+--method lora|dora take LoraConfig's flags, prompt|prefix take --num-virtual-tokens (and
+--prompt-init/--init-text, --projection), full takes none.
 
 Example: `lorakit train --model smollm2-135m-instruct --data train.jsonl --eval-data heldout.jsonl
 --out runs/x --r 16 --alpha 32 --targets all-linear --steps 100`. Data parallel:
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from ..config import LoraConfig
+from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..training.run import train
 from ..training.trainer import TrainConfig
 from .args import add_config_args, config_values
@@ -17,10 +20,13 @@ from .args import add_config_args, config_values
 def register(p):
     add_config_args(p, TrainConfig)
     add_config_args(p, LoraConfig)
+    add_config_args(p, PromptTuningConfig)
+    add_config_args(p, PrefixTuningConfig, only=["projection"])     # num_virtual_tokens: added just above
 
 
 def run(args) -> int:
-    values = {**config_values(TrainConfig, args), **config_values(LoraConfig, args)}
+    values = {**config_values(TrainConfig, args), **config_values(LoraConfig, args),
+              **config_values(PromptTuningConfig, args), **config_values(PrefixTuningConfig, args)}
     summary = train(**values)
     keys = ("weights", "steps", "final_loss", "eval_loss", "seconds", "tokens_per_s", "trainable_params")
     print(json.dumps({k: summary[k] for k in keys} | {"peak_memory_mb": summary["peak_memory"]["peak_above_baseline_bytes"] / 2**20}, indent=2))

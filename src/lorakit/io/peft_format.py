@@ -20,8 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import LoraConfig
-from ..inject import adapter_layers, configs, inject, saved_wrappers
+from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from ..inject import adapter_layers, configs, inject, input_adapters, saved_wrappers
+from ..methods.prefix import kv_layout
 from ..methods.base import linear_shape
 from ..methods.dora import DoraAdapter
 from ..targets import TargetError, portable_targets, resolve, resolve_modules_to_save
@@ -103,7 +104,27 @@ def peft_config_dict(model: nn.Module, name: str) -> dict:
     }
 
 
+def input_config_dict(model: nn.Module, name: str) -> dict:
+    """peft's PROMPT_TUNING / PREFIX_TUNING config (as peft 0.21 writes it, inference mode)."""
+    cfg = configs(model)[name]
+    layers, kv_heads, head_dim = kv_layout(model.config)
+    common = {"task_type": task_type(model), "base_model_name_or_path": base_model_name(model),
+              "num_virtual_tokens": cfg.num_virtual_tokens, "num_transformer_submodules": 1, "num_layers": layers,
+              "inference_mode": True, "modules_to_save": None, "revision": None, "auto_mapping": None}
+    if isinstance(cfg, PromptTuningConfig):
+        return {"peft_type": "PROMPT_TUNING", **common, "token_dim": model.get_input_embeddings().weight.shape[1],
+                "num_attention_heads": model.config.num_attention_heads,
+                "prompt_tuning_init": {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[cfg.prompt_init],
+                "prompt_tuning_init_text": cfg.init_text, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+    return {"peft_type": "PREFIX_TUNING", **common, "token_dim": kv_heads * head_dim, "num_attention_heads": kv_heads,
+            "prefix_projection": bool(cfg.projection), "encoder_hidden_size": cfg.projection or kv_heads * head_dim,
+            "init_weights": None}
+
+
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    if name in input_adapters(model):              # the prompt embeddings, or the prefix after any MLP
+        values = input_adapters(model)[name].values()
+        return {"prompt_embeddings": values.detach().to("cpu").contiguous().clone()}
     out = {}
     for lname, layer in adapter_layers(model):
         if name in layer.adapters:
@@ -126,7 +147,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     directory = Path(directory)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(adapter_state_dict(model, name), str(tmp), metadata={"format": "pt"})
-    write_text(directory / CONFIG_NAME, json.dumps(peft_config_dict(model, name), indent=2) + "\n")
+    config = input_config_dict(model, name) if name in input_adapters(model) else peft_config_dict(model, name)
+    write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -202,6 +224,8 @@ def _listing(keys, limit: int = 8) -> str:
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> nn.Module:
     """Load a PEFT-format LoRA folder (written by lorakit or by peft) into `model` as adapter `name`."""
     raw, config_path = read_config(directory)
+    if raw.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        return _load_input_adapter(model, raw, config_path, Path(directory) / WEIGHTS_NAME, name)
     cfg = config_from_peft(raw, config_path)
     weights_path = Path(directory) / WEIGHTS_NAME
     tensors = read_tensors(weights_path)
@@ -277,4 +301,42 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             copy = model.get_submodule(s).copies[name]
             for key, value in copy.state_dict().items():
                 value.copy_(found[f"{s}.{key}"])
+    return model
+
+
+def _load_input_adapter(model: nn.Module, raw: dict, config_path: Path, weights_path: Path, name: str) -> nn.Module:
+    """A prompt- or prefix-tuning folder: check its shapes against this model, then inject and fill."""
+    if name in configs(model):
+        raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
+    n = raw.get("num_virtual_tokens")
+    if not isinstance(n, int) or n < 1:
+        raise AdapterFormatError(f"{config_path}: num_virtual_tokens = {n!r}, expected an integer >= 1")
+    if raw.get("num_transformer_submodules", 1) != 1:
+        raise AdapterFormatError(f"{config_path}: num_transformer_submodules = {raw['num_transformer_submodules']} "
+                                 "(encoder-decoder prompts) is not supported")
+    tensors = read_tensors(weights_path)
+    if set(tensors) != {"prompt_embeddings"}:
+        raise AdapterFormatError(f"{weights_path}: expected exactly one tensor 'prompt_embeddings', found "
+                                 f"{_listing(tensors)}")
+    values = tensors["prompt_embeddings"]
+    if raw["peft_type"] == "PROMPT_TUNING":
+        dim = model.get_input_embeddings().weight.shape[1]
+        if tuple(values.shape) != (n, dim):
+            raise AdapterFormatError(f"{weights_path}: prompt_embeddings has shape {tuple(values.shape)}, this model "
+                                     f"needs ({n}, {dim}) (num_virtual_tokens x hidden size)")
+        inject(model, PromptTuningConfig(num_virtual_tokens=n), name)
+        target = input_adapters(model)[name].embeddings
+    else:
+        layers, kv_heads, head_dim = kv_layout(model.config)
+        theirs = (raw.get("num_layers"), raw.get("num_attention_heads"),
+                  (raw.get("token_dim") or 0) // max(1, raw.get("num_attention_heads") or 1))
+        width = layers * 2 * kv_heads * head_dim
+        if theirs != (layers, kv_heads, head_dim) or tuple(values.shape) != (n, width):
+            raise ValueError(f"{config_path}: a prefix for (layers, kv_heads, head_dim) = {theirs}, shape "
+                             f"{tuple(values.shape)}, does not fit {type(model).__name__} with "
+                             f"{(layers, kv_heads, head_dim)}, which needs ({n}, {width})")
+        inject(model, PrefixTuningConfig(num_virtual_tokens=n), name)
+        target = input_adapters(model)[name].prefix
+    with torch.no_grad():
+        target.copy_(values)
     return model

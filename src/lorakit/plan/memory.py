@@ -23,7 +23,7 @@ RECIPES = {  # bytes per trainable parameter: weights + gradients + Adam moments
 }
 NF4_BITS = 4
 QUANT_CONSTANT_BITS = {"absmax-fp32": 32 / 64, "double-quant": 8 / 64 + 32 / (64 * 256)}
-METHODS = ("full", "lora", "dora", "qlora")
+METHODS = ("full", "lora", "dora", "qlora", "prompt", "prefix")
 GB = 1e9
 
 

@@ -55,7 +55,8 @@ def _needed(config, *names):
 def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", method: str = "lora",
                recipe: str = "12-byte", frozen_bytes: float = 2, seq_len: int = 512, micro_batch: int = 1,
                grad_checkpointing: bool = False, activation_bytes: int = 2, double_quant: bool = True,
-               config=None, grad_accum: int = 1, optimizer: str = "adamw") -> dict:
+               config=None, grad_accum: int = 1, optimizer: str = "adamw", virtual_tokens: int = 20,
+               projection: int = 0) -> dict:
     """The plan for model `ref` (or for an already-loaded `config`, whose `architectures` names the class)."""
     if method not in mem.METHODS:
         raise ValueError(f"--method {method!r}: expected one of {mem.METHODS}")
@@ -84,7 +85,15 @@ def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", m
         targets_table["qv"] = None
     if targets_table["qv"] and targets_table["all-linear"]:
         targets_table["all_linear_vs_qv"] = targets_table["all-linear"] / targets_table["qv"]
-    inject(model, cfg)
+    if method in ("prompt", "prefix"):       # input adapters: counted by injecting them, like LoRA
+        from ..config import PrefixTuningConfig, PromptTuningConfig
+        model = meta_model(config, ref)
+        inject(model, PromptTuningConfig(num_virtual_tokens=virtual_tokens) if method == "prompt" else
+               PrefixTuningConfig(num_virtual_tokens=virtual_tokens, projection=projection))
+        total = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        seq_len += virtual_tokens if method == "prompt" else 0      # the virtual tokens run through every layer
+    else:
+        inject(model, cfg)
     trainable = trainable_report(model).trainable if method != "full" else total
     dora_extra = sum(d_out for _, d_out in shapes.values())
     if method == "dora":
@@ -120,10 +129,15 @@ def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", m
     if method == "full" and head is not None:       # written first in backward, while activations live
         states.head_gradient = head.weight.numel() * mem.RECIPES[recipe]["gradients"]
     adapter_bytes = (trainable if method != "full" else 0) * 4   # lorakit writes adapters in fp32
+    if method == "prefix":                                       # the file holds the prefix after the MLP
+        from ..methods.prefix import kv_layout
+        layers_, kv_heads, head_dim = kv_layout(config)
+        adapter_bytes = virtual_tokens * layers_ * 2 * kv_heads * head_dim * 4
     return {
         "model": str(ref), "architecture": type(model).__name__, "method": method, "recipe": recipe,
         "optimizer": optimizer,
         "r": r, "alpha": alpha, "targets": targets,
+        **({"virtual_tokens": virtual_tokens, "projection": projection} if method in ("prompt", "prefix") else {}),
         "parameters": {"total": total, "trainable": trainable, "percent": 100 * trainable / total,  # of the base
                        "adapted_modules": len(adapted), "by_kind": by_kind,
                        "dora_extra_magnitude": dora_extra},

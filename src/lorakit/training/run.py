@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import FullConfig, LoraConfig
+from ..config import FullConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..inject import inject, trainable_report
 from ..io.atomic import write_text
 from ..models import load_base
@@ -27,7 +27,8 @@ from .memory import PeakMemory, TensorPeak, model_tensors, trim_heap
 from .outputs import AdapterWeights, ModelWeights
 from .trainer import Trainer, TrainConfig
 
-METHODS = {"lora": LoraConfig, "full": FullConfig}
+METHODS = {"lora": LoraConfig, "dora": LoraConfig, "prompt": PromptTuningConfig, "prefix": PrefixTuningConfig,
+           "full": FullConfig}
 
 
 def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
@@ -46,7 +47,10 @@ def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
         raise ValueError("kl_base needs a frozen base to compare against; full fine-tuning has none")
     if cfg.method == "full" and cfg.quantize:
         raise ValueError("quantize needs a frozen base: a 4-bit base cannot be fully fine-tuned")
-    return cfg, method_cls(**{k: v for k, v in kwargs.items() if k in method_names})
+    method_kw = {k: v for k, v in kwargs.items() if k in method_names}
+    if cfg.method == "dora":
+        method_kw["use_dora"] = True
+    return cfg, method_cls(**method_kw)
 
 
 def train(**kwargs) -> dict:
@@ -99,7 +103,7 @@ def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemo
     if full:
         model.requires_grad_(True)
     elif resume_from is None:
-        inject(model, method_cfg, name=adapter)
+        inject(model, method_cfg, name=adapter, tokenizer=tokenizer)
     if resume_from is not None:
         weights.load(model, resume_from / weights.folder)
     trainer = Trainer(model, tokenizer, train_set, cfg, eval_set, adapter, weights)
@@ -178,8 +182,13 @@ def _planned(model, cfg: TrainConfig, method_cfg, train_set, world: int = 1) -> 
     seq = cfg.max_len if cfg.packing else max(len(e.input_ids) for e in train_set.examples)  # batches pad to their longest
     micro = cfg.batch_size // world                                                          # rows per rank
     try:
-        shape = {} if isinstance(method_cfg, FullConfig) else \
-            {"r": method_cfg.r, "alpha": method_cfg.alpha, "targets": method_cfg.targets}
+        if isinstance(method_cfg, LoraConfig):
+            shape = {"r": method_cfg.r, "alpha": method_cfg.alpha, "targets": method_cfg.targets}
+        elif isinstance(method_cfg, (PromptTuningConfig, PrefixTuningConfig)):
+            shape = {"virtual_tokens": method_cfg.num_virtual_tokens,
+                     "projection": getattr(method_cfg, "projection", 0)}
+        else:
+            shape = {}
         method = "qlora" if cfg.quantize else cfg.method
         plan = plan_model(cfg.model, **shape, method=method, recipe="fp32", frozen_bytes=dtype_bytes, seq_len=seq,
                           micro_batch=micro, grad_checkpointing=cfg.grad_checkpointing, grad_accum=cfg.grad_accum,

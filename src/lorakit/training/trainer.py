@@ -42,7 +42,7 @@ class TrainConfig:
     data: str = field(default=None, metadata=_doc("training JSONL (prompt/completion or messages rows)"))
     eval_data: str = field(default=None, metadata=_doc("held-out JSONL: loss during training, task score after"))
     out: str = field(default="runs/train", metadata=_doc("run folder: adapter (or model), checkpoints, metrics, plots"))
-    method: str = field(default="lora", metadata=_doc("lora, or full (every weight trains; writes a model folder)"))
+    method: str = field(default="lora", metadata=_doc("lora, dora, prompt, prefix, or full (every weight trains; writes a model folder)"))
     steps: int = field(default=None, metadata=_doc("optimizer steps (overrides epochs)"))
     epochs: float = field(default=1.0, metadata=_doc("passes over the training set when steps is not given"))
     batch_size: int = field(default=8, metadata=_doc("rows per micro-batch, across all ranks"))
