@@ -90,6 +90,25 @@ def test_right_padding_does_not_change_a_row(family, method):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_left_padding_with_position_ids_does_not_change_a_row(family, method):
+    """What generate does with a left-padded batch: positions from the mask, shifted past the virtual tokens."""
+    model = _model(family, method)
+    x = inputs(model, length=9)
+    alone = _logits(model, x[1:, 3:])
+    padded, mask = x.clone(), torch.ones_like(x)
+    padded[1, :3], mask[1, :3] = 0, 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=padded, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(out[1, 3:], alone[0], atol=1e-5, rtol=1e-5)
+    batch = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    single = model.generate(input_ids=x[1:, 3:], attention_mask=torch.ones_like(x[1:, 3:]), max_new_tokens=4,
+                            do_sample=False, pad_token_id=0)
+    assert batch[1, -4:].tolist() == single[0, -4:].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_generate_equals_a_manual_greedy_decode(family, method):
     model = _model(family, method)

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ..config import LoraConfig
+from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..datasets import carrier
 from ..datasets.prose import docstring_prose
 from ..datasets.replay import replay_rows
@@ -40,6 +40,16 @@ from ..training.trainer import TrainConfig
 
 
 
+# method -> (adapter config, default learning rate, what the console says)
+METHODS = {
+    "lora": (lambda: LoraConfig(r=16, alpha=32, targets="all-linear"), 2e-3, "LoRA r=16, alpha=32, all-linear"),
+    "dora": (lambda: LoraConfig(r=16, alpha=32, targets="all-linear", use_dora=True), 2e-3,
+             "DoRA r=16, alpha=32, all-linear"),
+    "prompt": (lambda: PromptTuningConfig(num_virtual_tokens=20), 3e-2, "prompt tuning, 20 virtual tokens"),
+    "prefix": (lambda: PrefixTuningConfig(num_virtual_tokens=20), 1e-2, "prefix tuning, 20 virtual tokens"),
+}
+
+
 def register(p):
     p.add_argument("--model", default=EMBEDDED, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="runs/demo", help="where data, adapter and report are written")
@@ -48,6 +58,9 @@ def register(p):
     p.add_argument("--n-heldout", type=int, default=120, help="held-out tickets (default: 120)")
     p.add_argument("--kl-base", type=float, default=3.0, help="KL-to-base weight (0 turns the guard off)")
     p.add_argument("--no-guards", action="store_true", help="train on the tickets alone, no KL (to see the damage)")
+    p.add_argument("--method", default="lora", choices=list(METHODS),
+                   help="adapter: lora (default), dora, prompt (20 virtual tokens) or prefix (20 virtual tokens)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: per method, see METHODS)")
     p.add_argument("--quantize", choices=["nf4"], help="train QLoRA: the base's block linear layers in 4-bit NF4")
     p.add_argument("--seed", type=int, default=0)
 
@@ -90,11 +103,14 @@ def run(args) -> int:
         rows = paths["train"].read_text().splitlines() + [json.dumps(r) for r in rehearsal]
         random.Random(args.seed).shuffle(rows)
         write_text(train_path, "\n".join(rows) + "\n")
-    console.print(f"[bold]2/4 {'QLoRA' if args.quantize else 'LoRA'} training[/] (r=16, alpha=32, all-linear, "
-                  f"bf16 autocast, KL-to-base {kl}{', NF4 base' if args.quantize else ''})")
+    make_config, default_lr, what = METHODS[args.method]
+    lr = args.lr or default_lr
+    console.print(f"[bold]2/4 training[/] ({what}, lr {lr:g}, bf16 autocast, KL-to-base {kl}"
+                  f"{', NF4 base (QLoRA)' if args.quantize else ''})")
     cfg = TrainConfig(model=args.model, data=str(train_path), out=str(out / "run"), steps=args.steps,
-                      batch_size=8, lr=2e-3, warmup=0.1, bf16=True, seed=args.seed, kl_base=kl, quantize=args.quantize)
-    summary = train_model(model, tokenizer, cfg, LoraConfig(r=16, alpha=32, targets="all-linear"))
+                      batch_size=8, lr=lr, warmup=0.1, bf16=True, seed=args.seed, kl_base=kl, quantize=args.quantize,
+                      method=args.method)
+    summary = train_model(model, tokenizer, cfg, make_config())
     console.print("   " + str(trainable_report(model)).splitlines()[-1])
 
     console.print("[bold]3/4 adapted model on the same held-out tickets[/]")

@@ -7,9 +7,12 @@ KV cache, sees the adapter without knowing it exists:
 
 - before the decoder runs, `InputAdapter.enter(kwargs, first)` rewrites its keyword arguments;
   `first` is True when no cache holds earlier tokens yet (a plain forward, or generation's prefill);
-- the 2-D attention mask gets `n_virtual` leading ones on every call, and explicit position ids are
-  dropped so the model derives positions from the cache length, which counts the virtual tokens
-  (peft does the same);
+- the 2-D attention mask gets `n_virtual` leading ones on every call; explicit position ids (what
+  `generate` derives from a left-padded mask) are shifted by `n_virtual`, and a prompt's own
+  positions 0..n-1 are put in front, so a left-padded row sees the positions of an unpadded one.
+  Without explicit ids the model counts positions from the cache length, which includes the
+  virtual tokens. (peft drops explicit position ids instead, so its left-padded generation
+  shifts positions; without padding both agree exactly.)
 - after it runs, `InputAdapter.leave(output, first)` may trim the output (prompt tuning removes the
   virtual positions, so logits line up with the caller's tokens).
 
@@ -26,6 +29,7 @@ HOOKED = "lorakit_input_hooks"
 
 class InputAdapter(nn.Module):
     n_virtual: int
+    extends_input: bool = False         # True: the virtual tokens are part of the input sequence (prompt)
 
     def values(self) -> torch.Tensor:
         """The learned state as saved (peft's `prompt_embeddings`)."""
@@ -72,7 +76,13 @@ def install(model: nn.Module, active) -> None:
         if mask is not None and mask.dim() == 2:
             ones = mask.new_ones(mask.shape[0], adapter.n_virtual)
             kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
-        kwargs.pop("position_ids", None)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            positions = positions + adapter.n_virtual
+            if first and adapter.extends_input:
+                own = torch.arange(adapter.n_virtual, device=positions.device).expand(positions.shape[0], -1)
+                positions = torch.cat([own, positions], dim=1)
+            kwargs["position_ids"] = positions
         return args, adapter.enter(kwargs, first)
 
     def post(module, args, kwargs, output):

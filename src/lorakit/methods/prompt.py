@@ -15,6 +15,8 @@ from .input import InputAdapter, batch_size
 
 
 class PromptTuning(InputAdapter):
+    extends_input = True
+
     def __init__(self, n_virtual: int, dim: int, dtype=torch.float32, device=None):
         super().__init__()
         self.n_virtual = n_virtual

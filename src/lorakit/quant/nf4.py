@@ -130,10 +130,14 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     absmax = state.block_absmax()
     out = torch.empty(state.shape, dtype=dtype, device=packed.device) if out is None else out
     view = out.view(-1, bs)
-    step = max(1, CHUNK // bs)                             # blocks per chunk
+    step = max(1, (1 << 18) // bs)                         # blocks per chunk: 256K values, cache-sized
     for b in range(0, absmax.numel(), step):
-        part = pairs[flat[b * bs // 2:(b + step) * bs // 2].long()].view(-1, bs)
-        view[b:b + step] = part * absmax[b:b + step].unsqueeze(1)
+        codes = flat[b * bs // 2:(b + step) * bs // 2].to(torch.int32)
+        part = torch.index_select(pairs, 0, codes).view(-1, bs)          # the fast gather on CPU
+        if dtype == torch.float32:
+            torch.mul(part, absmax[b:b + step].unsqueeze(1), out=view[b:b + step])
+        else:
+            view[b:b + step] = part * absmax[b:b + step].unsqueeze(1)
     return out
 
 
