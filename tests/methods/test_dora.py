@@ -260,3 +260,14 @@ def test_half_precision_base_keeps_fp32_adapters():
     out = logits(model, x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, before, atol=0, rtol=1e-2)   # g = 1 to fp32 rounding: at most one bf16 step
+
+
+def test_dora_trains_through_the_trainer(tmp_path, carrier):
+    import json
+    from lorakit.training import train
+    summary = train(model="tiny-llama", data=str(carrier["train"]), out=str(tmp_path / "d"), method="dora", r=4,
+                    alpha=8, batch_size=4, lr=5e-3, steps=12, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    cfg = json.loads((tmp_path / "d" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and summary["method_config"]["use_dora"] is True

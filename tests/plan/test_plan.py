@@ -148,3 +148,15 @@ def test_checkpointing_keeps_layer_inputs_and_one_recomputed_layer():
     ck = _lines(plan_model("tiny-llama", **kw, grad_checkpointing=True))
     assert ck["activations"] == 2 * 512 * 32 * 4 + 512 * (7 * 32 + 4 * 16 + 4 * 64) * 4
 
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method, config", [("prompt", lambda: lk.PromptTuningConfig(num_virtual_tokens=7)),
+                                            ("prefix", lambda: lk.PrefixTuningConfig(num_virtual_tokens=7)),
+                                            ("prefix-mlp", lambda: lk.PrefixTuningConfig(num_virtual_tokens=7,
+                                                                                         projection=12))])
+def test_planned_input_adapter_counts_equal_the_real_injected_model(family, method, config):
+    planned = plan_model(f"tiny-{family}", method=method.split("-")[0], virtual_tokens=7,
+                         projection=12 if method == "prefix-mlp" else 0)["parameters"]["trainable"]
+    real = lk.inject(tiny_model(family), config())
+    assert planned == lk.trainable_report(real).trainable > 0
