@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockwise import CHUNK, BlockState, absmax_codes, check, dequantize_blockwise, quantize_blockwise
+from .blockwise import BlockState, absmax_codes, check, dequantize_blockwise, quantize_blockwise
 
 # The QLoRA paper's NF4 values (appendix E), as fp32: quantiles of N(0,1) at evenly spaced
 # probabilities from 1 - 0.9677083 to 0.9677083, each half scaled to reach +-1 (see `nf4_from_quantiles`).

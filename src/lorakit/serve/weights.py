@@ -1,0 +1,131 @@
+"""An adapter as the server holds it in RAM: per layer A, B, scale and (DoRA) the factor g.
+
+`read_adapter` goes through lorakit's own loader (`load_adapter`, with all its checks and messages)
+into a throwaway shadow of the served model: containers that hold the served model's real linear
+layers under their real names, so target rules resolve exactly as on the model itself and nothing
+of the served model changes. The DoRA factor g = m / ||W0 + s B A||_c is computed here, once, on
+the loading thread; a slot write is then a plain copy.
+What this does not do: prompt/prefix adapters or modules_to_save (they are not per-row weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..inject import adapter_layers, configs
+from ..io.peft_format import AdapterFormatError, load_adapter, read_config
+from ..methods.dora import DoraAdapter
+from .lora_ops import dora_factor
+
+
+@dataclass
+class LayerWeights:
+    A: torch.Tensor                 # (r, d_in)
+    B: torch.Tensor                 # (d_out, r)
+    scale: float
+    g: torch.Tensor | None = None   # (d_out,) DoRA factor; None for LoRA
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.A, self.B, self.g) if t is not None)
+
+
+@dataclass
+class AdapterWeights:
+    name: str
+    layers: dict[str, LayerWeights]          # module name -> weights
+    source: Path | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.layers.values())
+
+    @property
+    def rank(self) -> int:
+        return max(w.A.shape[0] for w in self.layers.values())
+
+    @property
+    def dora(self) -> bool:
+        return any(w.g is not None for w in self.layers.values())
+
+
+def weights_from_model(model: nn.Module, name: str, dtype: torch.dtype | None = None) -> AdapterWeights:
+    """Adapter `name` of a lorakit model (injected or loaded) as CPU tensors, g computed for DoRA."""
+    if name not in configs(model):
+        raise KeyError(f"no adapter named {name!r} (this model has {list(configs(model))})")
+    layers = {}
+    for lname, layer in adapter_layers(model):
+        adapter = layer.adapters[name] if name in layer.adapters else None
+        if adapter is None:
+            continue
+        dt = dtype or adapter.A.dtype
+        A = adapter.A.detach().to("cpu", dt).clone()
+        B = adapter.B.detach().to("cpu", dt).clone()
+        g = None
+        if isinstance(adapter, DoraAdapter):
+            w0 = layer.unmerged_base_weight().to("cpu")
+            g = dora_factor(w0, adapter.A.detach().cpu().float(), adapter.B.detach().cpu().float(),
+                            adapter.scale, adapter.m.detach().cpu()).to(dt)
+        layers[lname] = LayerWeights(A, B, float(adapter.scale), g)
+    if not layers:
+        raise ValueError(f"adapter {name!r} has no weight layers (prompt/prefix adapters cannot be served per row)")
+    return AdapterWeights(name, layers)
+
+
+class Shadow(nn.Module):
+    """The served model's linear layers (the same objects) under their names, plus its config."""
+
+    def __init__(self, config, linears: dict[str, nn.Module], head: str | None):
+        super().__init__()
+        self.config = config
+        self._head = head
+        for full, layer in linears.items():
+            parent = self
+            *path, leaf = full.split(".")
+            for part in path:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.Module())
+                parent = parent._modules[part]
+            parent.add_module(leaf, layer)
+
+    def get_output_embeddings(self):
+        return self.get_submodule(self._head) if self._head else None
+
+
+def read_adapter(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int, int]], r_max: int,
+                 name: str = "adapter") -> AdapterWeights:
+    """Load a PEFT folder for serving: lorakit's loader on `shadow`, then the serving limits.
+
+    `served`: module name -> (d_in, d_out) of the layers that have slots. Raises AdapterFormatError
+    (or FileNotFoundError) with the folder's problem; the caller adds the adapter's name.
+    """
+    raw, config_path = read_config(folder)
+    if raw.get("peft_type") != "LORA":
+        raise AdapterFormatError(f"{config_path}: peft_type {raw.get('peft_type')!r} cannot be served per row "
+                                 "(the server batches LoRA and DoRA adapters)")
+    if raw.get("modules_to_save"):
+        raise AdapterFormatError(f"{config_path}: modules_to_save {raw['modules_to_save']} cannot be served per row "
+                                 "(they are whole copies of a module, not low-rank updates)")
+    load_adapter(shadow, folder, "serve")
+    weights = weights_from_model(shadow, "serve")
+    weights.name, weights.source = name, Path(folder)
+    outside = [m for m in weights.layers if m not in served]
+    if outside:
+        raise AdapterFormatError(f"{config_path}: targets modules this server has no slots for: "
+                                 f"{sorted(outside)[:8]} (served: {_kinds(served)})")
+    too_big = {m: w.A.shape[0] for m, w in weights.layers.items() if w.A.shape[0] > r_max}
+    if too_big:
+        raise AdapterFormatError(f"{config_path}: rank {max(too_big.values())} is above the server's r_max = {r_max}")
+    bad = [m for m, w in weights.layers.items()
+           if not all(torch.isfinite(t).all() for t in (w.A, w.B, w.g) if t is not None)]
+    if bad:
+        raise AdapterFormatError(f"{config_path}: non-finite values in the weights of {sorted(bad)[:8]}")
+    return weights
+
+
+def _kinds(served) -> str:
+    kinds = sorted({m.rsplit(".", 1)[-1] for m in served})
+    return ", ".join(kinds)
