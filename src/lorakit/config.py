@@ -156,9 +156,16 @@ class PrefixTuningConfig:
     num_virtual_tokens: int = field(default=20, metadata=_doc("virtual tokens (prompt and prefix tuning)"))
     projection: int = field(default=0, metadata=_doc(
         "hidden size of the reparameterisation MLP that produces the prefix while training (0: none)"))
+    prefix_init: str = field(default="random", metadata=_doc(
+        "prefix init: random (N(0,1), as peft) or text (the base's own keys and values for init_text)"))
+    prefix_text: str = field(default=None, metadata=_doc("text whose keys and values start the prefix (prefix_init=text)"))
 
     def __post_init__(self):
         _check_n(self, "PrefixTuningConfig")
+        if self.prefix_init not in ("random", "text"):
+            raise ValueError(f"PrefixTuningConfig.prefix_init = {self.prefix_init!r}: expected random or text")
+        if self.prefix_init == "text" and (not self.prefix_text or self.projection):
+            raise ValueError("PrefixTuningConfig.prefix_init='text' needs prefix_text and no projection MLP")
         if not isinstance(self.projection, int) or isinstance(self.projection, bool) or self.projection < 0:
             raise ValueError(f"PrefixTuningConfig.projection = {self.projection!r}: expected an integer >= 0")
 

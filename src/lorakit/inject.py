@@ -138,6 +138,11 @@ def _inject_input(model: nn.Module, config, name: str, tokenizer) -> nn.Module:
         layers, kv_heads, head_dim = kv_layout(model.config)
         adapter = PrefixTuning(config.num_virtual_tokens, layers, kv_heads, head_dim, config.projection, dtype,
                                embedding.weight.device).bind(model)
+        if config.prefix_init == "text":          # before any input adapter is active: the base's own k/v
+            if tokenizer is None:
+                raise ValueError("PrefixTuningConfig(prefix_init='text') needs inject(..., tokenizer=...)")
+            with disabled(model):
+                adapter.initialise_from(model, tokenizer(config.prefix_text, add_special_tokens=False).input_ids)
     if not configs(model):
         model.requires_grad_(False)
     if getattr(model, "lorakit_inputs", None) is None:

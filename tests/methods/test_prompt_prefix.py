@@ -166,3 +166,17 @@ def test_input_adapters_cannot_be_merged(method):
     x = inputs(model)
     torch.testing.assert_close(_logits(model, x), _logits(lk.tiny_model("llama").eval(), x), atol=0, rtol=0)
     assert not hasattr(model, "lorakit_inputs")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_from_text_reads_like_the_text(family):
+    """A prefix initialised from a text's keys and values gives the logits of the text followed by the input."""
+    tok = tiny_tokenizer()
+    text_ids = tok("route it", add_special_tokens=False).input_ids
+    model = lk.tiny_model(family).eval()
+    lk.inject(model, lk.PrefixTuningConfig(num_virtual_tokens=len(text_ids), prefix_init="text", prefix_text="route it"),
+              tokenizer=tok)
+    x = inputs(model, batch=1)
+    both = torch.cat([torch.tensor([text_ids]), x], dim=1)
+    plain = lk.tiny_model(family).eval()
+    torch.testing.assert_close(_logits(model, x), _logits(plain, both)[:, len(text_ids):], atol=1e-5, rtol=1e-5)

@@ -40,13 +40,19 @@ from ..training.trainer import TrainConfig
 
 
 
+# Input adapters start from the embeddings (prompt) or the keys and values (prefix) of a task
+# description rather than from noise; random starts measured 32.5% (prompt) and 46.7% with
+# perplexity x4 (prefix) on this task (BENCHMARKS.md).
+INIT_TEXT = "You are a support assistant. Read the ticket and answer with the code of the queue it goes to."
 # method -> (adapter config, default learning rate, what the console says)
 METHODS = {
     "lora": (lambda: LoraConfig(r=16, alpha=32, targets="all-linear"), 2e-3, "LoRA r=16, alpha=32, all-linear"),
     "dora": (lambda: LoraConfig(r=16, alpha=32, targets="all-linear", use_dora=True), 2e-3,
              "DoRA r=16, alpha=32, all-linear"),
-    "prompt": (lambda: PromptTuningConfig(num_virtual_tokens=20), 3e-2, "prompt tuning, 20 virtual tokens"),
-    "prefix": (lambda: PrefixTuningConfig(num_virtual_tokens=20), 1e-2, "prefix tuning, 20 virtual tokens"),
+    "prompt": (lambda: PromptTuningConfig(num_virtual_tokens=20, prompt_init="text", init_text=INIT_TEXT), 3e-2,
+               "prompt tuning, 20 virtual tokens from a task description"),
+    "prefix": (lambda: PrefixTuningConfig(num_virtual_tokens=20, prefix_init="text", prefix_text=INIT_TEXT), 1e-2,
+               "prefix tuning, 20 virtual tokens from a task description"),
 }
 
 

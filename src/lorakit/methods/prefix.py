@@ -53,6 +53,22 @@ class PrefixTuning(InputAdapter):
         self.model_dtype = next(model.parameters()).dtype
         return self
 
+    @torch.no_grad()
+    def initialise_from(self, model: nn.Module, token_ids: list[int]) -> None:
+        """Start from the keys and values `model` computes for `token_ids` (repeated to n tokens): the
+        prefix then reads like real text the model has seen, instead of noise (Li & Liang, 2021,
+        sec. 7.2: initialising from real words' activations trains better than random)."""
+        if self.prefix is None:
+            raise ValueError("a prefix produced by the reparameterisation MLP cannot be initialised from text")
+        if not token_ids:
+            raise ValueError("prefix init 'text' needs a non-empty prefix_text")
+        ids = (token_ids * -(-self.n_virtual // len(token_ids)))[: self.n_virtual]
+        device = next(model.parameters()).device
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        per = torch.stack([t for layer in cache.layers for t in (layer.keys[0], layer.values[0])])  # (2L, H, n, d)
+        self.prefix.copy_(per.permute(2, 0, 1, 3).reshape(self.n_virtual, -1))
+
     def values(self) -> torch.Tensor:
         """The prefix, (n, layers * 2 * kv_heads * head_dim): what is saved."""
         return self.mlp(self.embedding) if self.prefix is None else self.prefix
