@@ -1,6 +1,8 @@
 import os
 import warnings
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")      # peft looks base models up online when it can; never here
+
 import pytest
 import torch
 
