@@ -65,7 +65,7 @@ class PrefixTuning(InputAdapter):
         ids = (token_ids * -(-self.n_virtual // len(token_ids)))[: self.n_virtual]
         device = next(model.parameters()).device
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         per = torch.stack([t for layer in cache.layers for t in (layer.keys[0], layer.values[0])])  # (2L, H, n, d)
         self.prefix.copy_(per.permute(2, 0, 1, 3).reshape(self.n_virtual, -1))
 
@@ -79,8 +79,10 @@ class PrefixTuning(InputAdapter):
         b = batch_size(kwargs)
         per = self.values().view(self.n_virtual, self.layers * 2, self.kv_heads, self.head_dim)
         per = per.permute(1, 2, 0, 3)                            # (layers*2, kv_heads, n, head_dim)
-        cache = kwargs.pop("past_key_values", None)
-        cache = kwargs.get("cache") or cache or DynamicCache(config=self.model_config)
+        legacy = kwargs.pop("past_key_values", None)       # an empty Cache is falsy: test for None
+        cache = kwargs.get("cache") if kwargs.get("cache") is not None else legacy
+        if cache is None:
+            cache = DynamicCache(config=self.model_config)
         device = per.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.model_dtype
         for layer in range(self.layers):

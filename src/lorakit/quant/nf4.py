@@ -29,8 +29,6 @@ NF4_CODE = torch.tensor([
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
-# byte -> (code of high nibble, code of low nibble): one gather unpacks two weights
-_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)
 
 
 def nf4_from_quantiles(offset: float = 0.9677083) -> torch.Tensor:
@@ -125,8 +123,8 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     if n % bs or bs % 2:
         return dequantize_nf4_reference(packed, state, dtype)
     flat = packed.reshape(-1)
-    pairs = _PAIRS.to(packed.device) if state.code is NF4_CODE or torch.equal(state.code.cpu(), NF4_CODE) else \
-        torch.stack([state.code.repeat_interleave(16), state.code.repeat(16)], dim=1)
+    code = state.code.to(packed.device)
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)   # byte -> (high, low) codes
     absmax = state.block_absmax()
     out = torch.empty(state.shape, dtype=dtype, device=packed.device) if out is None else out
     view = out.view(-1, bs)
