@@ -1,0 +1,33 @@
+"""Serve a base model and every adapter under a folder through an OpenAI-compatible HTTP API.
+
+Example: `lorakit serve --model smollm2-135m-instruct --adapters runs/adapters --port 8000`, then
+ask for `"model": "<adapter folder name>"` (or the base model's name, or "base") in
+/v1/completions or /v1/chat/completions. Adapters can be added and removed while it runs
+(POST /v1/load_lora_adapter, /v1/unload_lora_adapter). With `--api-keys keys.json`
+({"key": ["adapter-a", "base"], "admin-key": "*"}), each key may use only the models listed.
+"""
+from __future__ import annotations
+
+from ..serve.server import ServeConfig
+from .args import add_config_args, config_from_args
+
+
+def register(p):
+    add_config_args(p, ServeConfig)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--api-keys", default=None, help="JSON file: API key -> models it may use, or \"*\"")
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..serve.api import create_app, read_api_keys
+    from ..serve.server import build
+
+    keys = read_api_keys(args.api_keys) if args.api_keys else None
+    served = build(config_from_args(ServeConfig, args))
+    print(f"lorakit serve: {served.name} with {len(served.adapters.names())} adapters on "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(create_app(served, keys), host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,228 @@
+"""The serving engine: token ids in, token ids out, many requests on many adapters in one forward step.
+
+`Engine.step()` asks the scheduler for the next batch, runs it through the runner (one ragged
+forward, each sequence on its own adapter slot and KV cache), samples one token per sequence that
+has read its whole prompt, and reports each token as an `Event` to the request's callback.
+`start()` runs steps on a background thread while there is work; `submit` and `abort` may be called
+from any thread (they only touch an inbox the engine thread drains between steps).
+What this does not do: tokenize or detokenize, stop strings, HTTP (the API layer does), or choose
+which adapters are resident (the adapter cache does).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .adapter_cache import AdapterCache, UnknownAdapter
+from .forward import Chunk, Runner
+from .sampling import BadParam, SamplingParams, sample
+from .scheduler import QueueFull, Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    request_id: str
+    token: int | None                    # the token drawn this step (None when finishing without one)
+    finish_reason: str | None = None     # "stop" (EOS / stop token), "length", "abort" or "error"
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(self, runner: Runner, adapters: AdapterCache | None = None, eos_token_ids: Iterable[int] = (),
+                 max_num_seqs: int = 16, max_batch_tokens: int = 512, max_queue: int = 256,
+                 max_model_len: int | None = None, vocab_size: int | None = None):
+        self.runner, self.adapters = runner, adapters
+        self.eos = frozenset(int(t) for t in eos_token_ids)
+        self.max_model_len = min(runner.max_length, max_model_len or runner.max_length)
+        self.vocab_size = vocab_size
+        self.scheduler = Scheduler(adapters, max_num_seqs, max_batch_tokens, max_queue)
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counts = Counter()        # requests, tokens, steps, finish reasons: read by /metrics
+        self.last_batch = (0, 0)       # (sequences, tokens) of the latest step
+
+    # -- any thread ---------------------------------------------------------------------------
+    def submit(self, prompt: list[int], adapter: str | None = None, params: SamplingParams | None = None,
+               callback: Callable[[Event], None] | None = None) -> str:
+        """Queue a request; returns its id. Raises BadParam (400), UnknownAdapter (404), QueueFull (429)."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise BadParam("prompt", "the prompt is empty")
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt):
+            raise BadParam("prompt", f"token ids must lie in [0, {self.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise BadParam("prompt", f"the prompt has {len(prompt)} tokens; this model takes at most "
+                                     f"{self.max_model_len - 1} (max_model_len = {self.max_model_len})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise BadParam("max_tokens", f"max_tokens = {params.max_tokens} with a {len(prompt)}-token prompt "
+                                         f"exceeds max_model_len = {self.max_model_len}; ask for at most "
+                                         f"{self.max_model_len - len(prompt)}")
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
+            raise UnknownAdapter(f"no adapter named {adapter!r} is registered")
+        seq = Sequence(prompt, adapter, params, callback)
+        with self._lock:
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.scheduler.max_queue:
+                self.counts["rejected_queue_full"] += 1
+                raise QueueFull(f"{self.scheduler.max_queue} requests are already waiting; retry later")
+            self._inbox.append(seq)
+            self.counts["requests"] += 1
+            self.counts["prompt_tokens"] += len(prompt)
+        self._wake.set()
+        return seq.id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client gone, timeout, stop string); it finishes with reason "abort"."""
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborts or self.scheduler.waiting or self.scheduler.running)
+
+    # -- the engine thread --------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """One scheduling round and (if anything can run) one forward; returns the events it emitted."""
+        events = []
+        with self._lock:
+            while self._inbox:
+                self.scheduler.add(self._inbox.popleft())
+        while self._aborts:
+            seq = self.scheduler.find(self._aborts.popleft())
+            if seq is not None:
+                events.append(self._finish(seq, None, "abort"))
+        batch, failed = self.scheduler.schedule(self.runner.new_cache)
+        for seq, error in failed:
+            events.append(self._finish(seq, None, "error", error))
+        if not batch:
+            return events
+        chunks = [Chunk(seq.cache, torch.tensor(tokens, dtype=torch.long), seq.slot) for seq, tokens in batch]
+        try:
+            logits = self.runner.forward(chunks)                   # (len(batch), vocab)
+        except Exception as e:                                     # one bad batch must not stop the server
+            log.exception("forward step failed; failing its %d requests", len(batch))
+            return events + [self._finish(seq, None, "error", e) for seq, _ in batch]
+        self.counts["steps"] += 1
+        self.counts["batched_tokens"] += sum(len(t) for _, t in batch)
+        self.counts["batched_seqs"] += len(batch)
+        self.last_batch = (len(batch), sum(len(t) for _, t in batch))
+        ready = []
+        for row, (seq, tokens) in enumerate(batch):
+            if not seq.decoding:
+                seq.prefilled += len(tokens)
+                if not seq.decoding:
+                    continue                                      # more prompt to read first
+            ready.append(row)
+        if ready:
+            seqs = [batch[row][0] for row in ready]
+            drawn = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+            for seq, token in zip(seqs, drawn):
+                events.append(self._emit(seq, token))
+        return events
+
+    def _emit(self, seq: Sequence, token: int) -> Event:
+        seq.output.append(token)
+        self.counts["generation_tokens"] += 1
+        if seq.first_token is None:
+            seq.first_token = time.monotonic()
+        p = seq.params
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            return self._finish(seq, token, "stop")
+        if len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
+            return self._finish(seq, token, "length")
+        event = Event(seq.id, token)
+        self._call(seq, event)
+        return event
+
+    def _finish(self, seq: Sequence, token: int | None, reason: str, error: Exception | None = None) -> Event:
+        self.scheduler.finish(seq)
+        self.counts[f"finished_{reason}"] += 1
+        event = Event(seq.id, token, reason, error)
+        self._call(seq, event)
+        return event
+
+    def _call(self, seq: Sequence, event: Event) -> None:
+        if seq.callback is not None:
+            try:
+                seq.callback(event)
+            except Exception:                                        # a listener's bug is not the engine's
+                log.exception("callback of %s failed", seq.id)
+
+    # -- running ------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], adapters: list[str | None] | None = None,
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
+        """Run requests to completion on this thread (tests, benchmarks); each one's generated tokens.
+        Not to be mixed with `start()`."""
+        adapters = adapters or [None] * len(prompts)
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.submit(p, a, s) for p, a, s in zip(prompts, adapters, params)]
+        out, errors, done = {i: [] for i in ids}, {}, set()
+        while len(done) < len(ids) and self.has_work():
+            for ev in self.step():
+                if ev.request_id in out:
+                    if ev.token is not None:
+                        out[ev.request_id].append(ev.token)
+                    if ev.error is not None:
+                        errors[ev.request_id] = ev.error
+                    if ev.finished:
+                        done.add(ev.request_id)
+            if not self.scheduler.running and self.scheduler.waiting:
+                time.sleep(0.001)                                    # waiting on an adapter load
+        if errors:
+            raise next(iter(errors.values()))
+        return [out[i] for i in ids]
+
+    def start(self) -> "Engine":
+        """Run steps on a background thread until `stop()`."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for seq in [*self.scheduler.running, *self.scheduler.waiting, *self._inbox]:
+            self._finish(seq, None, "abort")
+        self._inbox.clear()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.has_work():
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            ran = self.step()
+            if not self.scheduler.running and self.scheduler.waiting and not ran:
+                self._wake.wait(0.002)                               # only adapter loads to wait for
+                self._wake.clear()
+
+    def metrics(self) -> dict:
+        running = list(self.scheduler.running)
+        return {**self.counts, "queue_depth": self.queue_depth, "running": len(running),
+                "batch_seqs": self.last_batch[0], "batch_tokens": self.last_batch[1],
+                "kv_cache_bytes": sum(s.cache.nbytes for s in running if s.cache is not None),
+                "max_num_seqs": self.scheduler.max_num_seqs, "max_model_len": self.max_model_len}

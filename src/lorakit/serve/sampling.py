@@ -1,0 +1,87 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p, each request with its own seeded generator.
+
+A request's generator is its own (seeded from `seed`, or from the OS when none is given), so the
+tokens it draws do not depend on which other requests share its batch.
+What this does not do: stop strings (text is the HTTP layer's business; the engine sees token ids)
+or penalties (repetition, presence, frequency) and logprobs, which lorakit does not offer yet.
+"""
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+
+class BadParam(ValueError):
+    """A request field out of range; `param` names it (the OpenAI error body's `param`)."""
+    status = 400
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16                    # tokens to generate at most
+    temperature: float = 1.0                # 0: greedy
+    top_p: float = 1.0                      # keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0                          # keep the k most likely tokens (0: all)
+    seed: int | None = None                 # the same seed and prompt give the same tokens
+    stop_token_ids: tuple[int, ...] = ()    # finish after generating one of these (it is kept in the output)
+    ignore_eos: bool = False                # keep going past the model's end-of-sequence tokens
+
+    def __post_init__(self):
+        checks = [("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+                  ("temperature", _number(self.temperature) and 0 <= self.temperature <= 100, "a number in [0, 100]"),
+                  ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+                  ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0: off)"),
+                  ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+                  ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                   "a list of token ids")]
+        for field, ok, what in checks:
+            if not ok:
+                raise BadParam(field, f"{field} must be {what}, got {getattr(self, field)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def generator_for(params: SamplingParams) -> torch.Generator:
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return torch.Generator().manual_seed(seed % (1 << 63))
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """(V,) logits -> (V,) log-probabilities with everything outside top-k / top-p set to -inf."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    return logits.log_softmax(-1)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One next token per row of `logits` (B, V), row i drawn with params[i] and generators[i]."""
+    out = logits.argmax(-1).tolist()                   # greedy rows are done here, in one call
+    for i, p in enumerate(params):
+        if not p.greedy:
+            probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).exp()
+            out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    return out

@@ -1,0 +1,122 @@
+"""What `lorakit serve` serves: one base model with adapter slots, the adapter cache, the engine and the
+tokenizer, built from a model reference and an adapter folder.
+
+Every direct subfolder of the adapter root that holds an adapter_config.json is registered under its
+folder name; registering reads only the names (adapters are read from disk when first requested, so
+a thousand registered adapters cost a thousand names, not a thousand loads).
+What this does not do: speak HTTP (api.py) or parse command lines (cli/serve.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io.peft_format import CONFIG_NAME
+from ..models import EMBEDDED, load_base
+from .adapter_cache import AdapterCache
+from .engine import Engine
+from .forward import runner_for
+from .slots import attach
+
+log = logging.getLogger(__name__)
+
+
+def _doc(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class ServeConfig:
+    """What to serve and within which bounds; `lorakit serve` takes each field as a flag."""
+    model: str = field(default=EMBEDDED, metadata=_doc("base model: embedded name, .gguf, folder, or tiny-<family>"))
+    adapters: str = field(default=None, metadata=_doc("folder with one PEFT adapter folder per adapter, served "
+                                                      "under the folder's name"))
+    targets: str = field(default="all-linear", metadata=_doc("layers that get adapter slots (preset, names or "
+                                                             "pattern); adapters may target any subset"))
+    dtype: str = field(default="float32", metadata=_doc("base weights: float32, bfloat16 or float16"))
+    max_lora_rank: int = field(default=None, metadata=_doc("largest adapter rank (default: the largest under "
+                                                           "--adapters, at least 16)"))
+    max_num_seqs: int = field(default=16, metadata=_doc("requests decoded together in one forward step"))
+    max_batch_tokens: int = field(default=512, metadata=_doc("tokens per forward step (decodes first, then "
+                                                             "prompt chunks)"))
+    max_queue: int = field(default=256, metadata=_doc("waiting requests before new ones get 429"))
+    max_cpu_adapters: int = field(default=64, metadata=_doc("adapters kept in RAM (LRU)"))
+    max_active_adapters: int = field(default=None, metadata=_doc("adapter slots on the device (default: "
+                                                                 "max-num-seqs)"))
+    max_model_len: int = field(default=None, metadata=_doc("longest prompt + completion (default: the model's)"))
+    max_prompt_tokens: int = field(default=None, metadata=_doc("longest prompt accepted (default: max-model-len - 1)"))
+    max_tokens: int = field(default=1024, metadata=_doc("largest max_tokens a request may ask for"))
+    request_timeout: float = field(default=600.0, metadata=_doc("seconds a request may take"))
+    served_model_name: str = field(default=None, metadata=_doc("the base model's name in the API (\"base\" "
+                                                               "works too)"))
+
+    def __post_init__(self):
+        for key in ("max_num_seqs", "max_batch_tokens", "max_queue", "max_cpu_adapters", "max_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} = {getattr(self, key)} must be >= 1")
+        if self.request_timeout <= 0:
+            raise ValueError(f"request_timeout = {self.request_timeout} must be > 0")
+
+
+@dataclass
+class ServedModel:
+    name: str                                # the base model's public name ("base" is accepted too)
+    engine: Engine
+    adapters: AdapterCache
+    tokenizer: object
+    config: ServeConfig
+
+    def resolve(self, model: str) -> str | None:
+        """A request's `model` field -> adapter name (None: the base). Unknown names raise UnknownAdapter."""
+        return None if model in (self.name, "base") else model
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.adapters.close()
+
+
+def adapter_folders(root: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(Path(root).iterdir()) if (p / CONFIG_NAME).is_file()}
+
+
+def max_rank(folders) -> int:
+    """The largest rank any adapter config under `folders` declares (its r or a rank_pattern value)."""
+    ranks = [0]
+    for folder in folders:
+        try:
+            raw = json.loads((Path(folder) / CONFIG_NAME).read_text())
+            ranks += [int(raw.get("r", 0)), *map(int, (raw.get("rank_pattern") or {}).values())]
+        except (OSError, ValueError, TypeError):
+            continue                             # a broken adapter is reported when it is requested
+    return max(ranks)
+
+
+def build(config: ServeConfig) -> ServedModel:
+    """Load the base, attach adapter slots, register every adapter folder under `config.adapters`.
+    Starts nothing: the API's lifespan starts the engine thread."""
+    if config.adapters is None:
+        raise ValueError("--adapters is required: a folder holding one adapter folder per adapter (may be empty)")
+    root = Path(config.adapters)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--adapters {root}: not a folder (it should hold one subfolder per adapter)")
+    base, tokenizer = load_base(config.model, dtype=config.dtype)
+    if tokenizer is None:
+        raise ValueError(f"{config.model}: the model folder has no tokenizer; the HTTP API needs one")
+    folders = adapter_folders(root)
+    r_max = config.max_lora_rank or max(max_rank(folders.values()), 16)
+    slots = config.max_active_adapters or config.max_num_seqs
+    handle = attach(base, config.targets, slots=slots, r_max=r_max)
+    cache = AdapterCache(handle, root, max_cpu_adapters=config.max_cpu_adapters, max_active_adapters=slots)
+    for adapter, folder in folders.items():
+        cache.register(adapter, folder.name, load=False)
+    eos_ids = set()
+    for eos in (tokenizer.eos_token_id, getattr(getattr(base, "generation_config", None), "eos_token_id", None)):
+        eos_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+    engine = Engine(runner_for(base, handle), cache, eos_ids, max_num_seqs=config.max_num_seqs,
+                    max_batch_tokens=config.max_batch_tokens, max_queue=config.max_queue,
+                    max_model_len=config.max_model_len, vocab_size=base.get_input_embeddings().num_embeddings)
+    name = config.served_model_name or Path(str(base.config._name_or_path or config.model)).name
+    log.info("serving %s with %d adapters (r_max %d, %d slots)", name, len(folders), r_max, slots)
+    return ServedModel(name, engine, cache, tokenizer, config)

@@ -1,0 +1,197 @@
+"""The engine: alone equals batched, continuous batching, chunked prefill, sampling, aborts, failures."""
+import shutil
+import threading
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.serve import AdapterCache, UnknownAdapter, attach
+from lorakit.serve.engine import Engine
+from lorakit.serve.forward import runner_for
+from lorakit.serve.sampling import BadParam, SamplingParams
+from lorakit.serve.scheduler import QueueFull
+from tests.serve.conftest import ADAPTERS, make_adapter
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def root(request, tmp_path_factory, adapter_root):
+    """8 adapters of one family: the 4 of conftest (LoRA, DoRA, ranks 2-8) and 4 more seeds."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"engine-{family}")
+    for name in ADAPTERS[family]:
+        shutil.copytree(adapter_root / family / name, root / name)
+    for i, (name, config) in enumerate(ADAPTERS[family].items()):
+        make_adapter(root / f"{name}-b", family, config, seed=100 + i)
+    return family, root
+
+
+def make_engine(family, root, slots=8, **kw):
+    model = lk.tiny_model(family)
+    handle = attach(model, "all-linear", slots=slots, r_max=8)
+    cache = AdapterCache(handle, root, max_cpu_adapters=16)
+    for folder in sorted(root.iterdir()):
+        cache.register(folder.name, folder.name, load=False)
+    return Engine(runner_for(model, handle), cache, eos_token_ids=[0], vocab_size=model.config.vocab_size, **kw)
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 250, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def merged_greedy(family, folder, prompt, n):
+    """The oracle: transformers' own greedy generate on the adapter merged into its own model."""
+    model = lk.tiny_model(family)
+    if folder is not None:
+        model = lk.merge_and_unload(lk.load_adapter(model, folder))
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def test_alone_equals_batched_8_requests_8_adapters(root):
+    family, folder = root
+    names = sorted(p.name for p in folder.iterdir())
+    assert len(names) == 8
+    ps = prompts(8)
+    engine = make_engine(family, folder)
+    alone = [engine.generate([p], [a], GREEDY)[0] for p, a in zip(ps, names)]
+    batched = engine.generate(ps, names, GREEDY)
+    assert batched == alone
+    assert all(len(t) == GREEDY.max_tokens for t in batched)
+    assert len(set(map(tuple, batched))) > 4                    # the adapters make a difference
+    assert engine.counts["batched_seqs"] > engine.counts["steps"]   # rows really did share steps
+    for i in (0, 2, 5):                                         # and the tokens are the right ones
+        assert batched[i] == merged_greedy(family, folder / names[i], ps[i], GREEDY.max_tokens)
+    assert engine.generate([ps[0]], [None], GREEDY)[0] == merged_greedy(family, None, ps[0], GREEDY.max_tokens)
+    m = engine.adapters.metrics()
+    assert m["pinned"] == 0 and engine.metrics()["running"] == 0 and engine.metrics()["kv_cache_bytes"] == 0
+
+
+def test_requests_join_and_leave_between_steps_with_chunked_prefill(root):
+    family, folder = root
+    names = sorted(p.name for p in folder.iterdir())
+    long_prompt = prompts(1, seed=5)[0] * 4                    # 12-44 tokens, read in chunks of <= 6
+    ps = prompts(5, seed=1) + [long_prompt]
+    params = [GREEDY.replace(max_tokens=4 + 2 * i) for i in range(6)]    # they finish at different steps
+    engine = make_engine(family, folder, max_batch_tokens=6, max_num_seqs=3)
+    alone = [engine.generate([p], [a], s)[0] for p, a, s in zip(ps, names, params)]
+    got, ids = {}, []
+    for i in range(3):                                          # three start ...
+        ids.append(engine.submit(ps[i], names[i], params[i]))
+    for step in range(60):
+        if step in (2, 4, 6):                                   # ... three join while others decode
+            i = len(ids)
+            ids.append(engine.submit(ps[i], names[i], params[i]))
+        for ev in engine.step():
+            got.setdefault(ev.request_id, []).append(ev.token)
+        assert engine.last_batch[1] <= 6 and len(engine.scheduler.running) <= 3
+    assert [got[i] for i in ids] == alone
+
+
+def test_sampling_is_per_request(root):
+    family, folder = root
+    engine = make_engine(family, folder)
+    p = prompts(1, seed=2)[0]
+    seeded = SamplingParams(max_tokens=8, temperature=1.5, top_p=0.9, seed=7, ignore_eos=True)
+    alone = engine.generate([p], ["lora2"], seeded)[0]
+    crowd = engine.generate([p] * 4, ["lora2", "lora4", None, "lora2"],
+                            [seeded, seeded.replace(seed=8), GREEDY, seeded.replace(seed=9)])
+    assert crowd[0] == alone and crowd[1] != alone                   # seed decides, not the neighbours
+    assert engine.generate([p], ["lora2"], GREEDY.replace(temperature=1.0, top_k=1))[0] == \
+        engine.generate([p], ["lora2"], GREEDY)[0]                 # top_k = 1 is greedy
+
+
+def test_stop_tokens_eos_and_length(root):
+    family, folder = root
+    engine = make_engine(family, folder)
+    p = prompts(1, seed=3)[0]
+    free = engine.generate([p], [None], GREEDY)[0]
+    stop = free[3]
+    events = []
+    engine.submit(p, None, GREEDY.replace(stop_token_ids=(stop,)), events.append)
+    while engine.has_work():
+        engine.step()
+    assert [e.token for e in events] == free[:free.index(stop) + 1] and events[-1].finish_reason == "stop"
+    eos_engine = Engine(engine.runner, engine.adapters, eos_token_ids=[stop], vocab_size=engine.vocab_size)
+    assert eos_engine.generate([p], [None], GREEDY.replace(ignore_eos=False))[0] == free[:free.index(stop) + 1]
+    events.clear()
+    engine.submit(p, None, GREEDY.replace(max_tokens=2), events.append)
+    while engine.has_work():
+        engine.step()
+    assert [e.finish_reason for e in events] == [None, "length"]
+
+
+def test_abort_frees_the_row_and_the_slot(root):
+    family, folder = root
+    engine = make_engine(family, folder)
+    events = []
+    rid = engine.submit(prompts(1)[0], "dora4", GREEDY.replace(max_tokens=50), events.append)
+    other = engine.submit(prompts(1)[0], "lora2", GREEDY)
+    while len(events) < 3:                                      # (the adapters load off this thread first)
+        engine.step()
+    assert engine.metrics()["kv_cache_bytes"] > 0 and engine.adapters.metrics()["pinned"] == 2
+    engine.abort(rid)
+    engine.step()
+    assert events[-1].finish_reason == "abort" and len(events) == 4
+    assert engine.adapters.metrics()["pinned"] == 1 and [s.id for s in engine.scheduler.running] == [other]
+
+
+def test_bad_requests_are_refused_before_queueing(root):
+    family, folder = root
+    engine = make_engine(family, folder, max_queue=2, max_model_len=32)
+    with pytest.raises(UnknownAdapter, match="no adapter named 'nope'"):
+        engine.submit([1, 2], "nope")
+    with pytest.raises(BadParam, match="the prompt has 40 tokens") as e:
+        engine.submit([1] * 40)
+    assert e.value.param == "prompt"
+    with pytest.raises(BadParam, match="exceeds max_model_len = 32") as e:
+        engine.submit([1] * 20, None, GREEDY.replace(max_tokens=13))
+    assert e.value.param == "max_tokens"
+    with pytest.raises(BadParam, match=r"token ids must lie in \[0, 288\)"):
+        engine.submit([1, 9999])
+    with pytest.raises(BadParam) as e:
+        SamplingParams(max_tokens=-1)
+    assert e.value.param == "max_tokens"
+    engine.submit([1, 2])
+    engine.submit([1, 2])
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        engine.submit([1, 2])
+    assert engine.counts["rejected_queue_full"] == 1
+
+
+def test_an_adapter_that_fails_to_load_fails_only_its_request(root):
+    family, folder = root
+    broken = folder.parent / f"{folder.name}-broken"
+    shutil.copytree(folder, broken)
+    (broken / "lora4" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    engine = make_engine(family, broken)
+    events = []
+    engine.submit(prompts(1)[0], "lora4", GREEDY, events.append)
+    good = engine.submit(prompts(1)[0], "lora2", GREEDY, events.append)
+    while engine.has_work():
+        engine.step()
+    failed = [e for e in events if e.error is not None]
+    assert len(failed) == 1 and failed[0].finish_reason == "error" and "could not be loaded" in str(failed[0].error)
+    assert sum(e.request_id == good for e in events) == GREEDY.max_tokens
+
+
+def test_background_thread_serves_callbacks(root):
+    family, folder = root
+    engine = make_engine(family, folder).start()
+    try:
+        done, tokens = threading.Event(), []
+
+        def on(event):
+            tokens.append(event.token)
+            if event.finished:
+                done.set()
+        engine.submit(prompts(1)[0], "lora8", GREEDY, on)
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert len(tokens) == GREEDY.max_tokens
