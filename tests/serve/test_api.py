@@ -1,7 +1,6 @@
 """The HTTP API through the official `openai` client and raw HTTP, on a server on a loopback port."""
 import asyncio
 import contextlib
-import json
 import shutil
 import socket
 import threading
