@@ -1,8 +1,6 @@
 """The HTTP API through the official `openai` client and raw HTTP, on a server on a loopback port."""
 import asyncio
-import contextlib
 import shutil
-import socket
 import threading
 import time
 
@@ -10,33 +8,13 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 import lorakit as lk
-from lorakit.serve.api import create_app
+from lorakit.serve.api import create_app, serve_in_background
 from lorakit.serve.server import ServeConfig, build
 from tests.serve.conftest import ADAPTERS, make_adapter
 
 KEYS = {"k-alice": ["lora2", "base"], "k-bob": ["dora4"], "k-admin": ["*"]}
-
-
-@contextlib.contextmanager
-def running(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +31,7 @@ def root(tmp_path_factory, adapter_root):
 def server(root):
     served = build(ServeConfig(model="tiny-llama", adapters=str(root), max_model_len=64, max_tokens=48,
                                max_lora_rank=8, request_timeout=30))
-    with running(create_app(served)) as url:
+    with serve_in_background(create_app(served)) as url:
         yield url, served
 
 
@@ -204,7 +182,7 @@ def test_health_and_prometheus_metrics(server, client):
 
 def test_api_keys_scope_tenants(root):
     served = build(ServeConfig(model="tiny-llama", adapters=str(root), max_lora_rank=8))
-    with running(create_app(served, {k: set(v) for k, v in KEYS.items()})) as url:
+    with serve_in_background(create_app(served, {k: set(v) for k, v in KEYS.items()})) as url:
         def call(key, model):
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             return httpx.post(url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2},
@@ -230,7 +208,7 @@ def test_a_full_queue_answers_429_with_retry_after(root):
     gate = threading.Event()
     read = served.adapters._loader
     served.adapters._loader = lambda name, path: (gate.wait(30), read(name, path))[1]     # loads hang
-    with running(create_app(served)) as url:
+    with serve_in_background(create_app(served)) as url:
         async def three():
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
                 body = {"model": "lora8", "prompt": "hi", "max_tokens": 2}

@@ -13,6 +13,7 @@ What this does not do: batching or scheduling (the engine), or loading adapters 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -392,3 +393,31 @@ class _Collector:
             yield GaugeMetricFamily(f"lorakit_adapter_{key}", f"adapter cache: {key.replace('_', ' ')}",
                                     value=c[key])
 
+
+
+@contextlib.contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+    """Run `app` on uvicorn in a background thread; yields its base URL (demo, tests, benchmarks).
+    Port 0 picks a free port."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="lorakit-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
