@@ -74,9 +74,11 @@ def test_demo_pipeline_on_embedded(embedded_folder, tmp_path, capsys):
     assert report["regression"]["ppl_off"] > 1 and report["task"]["after"]["n"] == 6
     for name in ("adapter/adapter_model.safetensors", "eval_report.md", "loss.png", "metrics.jsonl", "summary.json"):
         assert (run / name).is_file(), name
+    # it ends by serving the base and the adapter over HTTP, one request to each
+    assert "POST /v1/chat/completions" in out and "carrier-policy" in out and "smollm2-135m-instruct" in out
 
 
-@pytest.mark.parametrize("command", ["train", "plan", "eval", "inspect", "merge", "demo"])
+@pytest.mark.parametrize("command", ["train", "plan", "eval", "inspect", "merge", "serve", "demo"])
 def test_every_command_has_working_help(capsys, command):
     from lorakit.cli import main
     with pytest.raises(SystemExit) as done:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -69,6 +71,7 @@ def register(p):
     p.add_argument("--lr", type=float, help="peak learning rate (default: per method, see METHODS)")
     p.add_argument("--quantize", choices=["nf4"], help="train QLoRA: the base's block linear layers in 4-bit NF4")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-serve", action="store_true", help="skip the last step: serving the adapter over HTTP")
 
 
 def _side_by_side(before, after, rows) -> Table:
@@ -148,4 +151,34 @@ def run(args) -> int:
                   f"whole demo {time.perf_counter() - start:.0f} s")
     (out / "run" / "demo.json").write_text(json.dumps({"verdict": decision, "before": before.accuracy,
                                                        "after": after.accuracy}, indent=2) + "\n")
+    if args.method in ("lora", "dora") and not args.quantize and not args.no_serve:
+        del model                                                     # the server loads its own base
+        _serve(console, args.model, Path(summary["adapter"]), out / "adapters", heldout)
     return 0 if decision["verdict"] != "FAIL" else 1
+
+
+def _serve(console: Console, model: str, adapter: Path, root: Path, heldout: list[dict]) -> None:
+    """Serve the base and the new adapter over HTTP and ask each the same held-out ticket."""
+    from ..serve.api import create_app, serve_in_background
+    from ..serve.server import ServeConfig, build
+
+    name = "carrier-policy"
+    shutil.rmtree(root / name, ignore_errors=True)
+    shutil.copytree(adapter, root / name)
+    console.print(f"[bold]serving[/]: the base and {name!r} from one resident model "
+                  f"(lorakit serve --model {model} --adapters {root})")
+    served = build(ServeConfig(model=model, adapters=str(root)))
+    row = next((r for r in heldout if "CLM-T2-KX" in r["messages"][-1]["content"]), heldout[0])
+    t = Table(title="One held-out ticket through POST /v1/chat/completions")
+    for col in ("model", "answer", "expected"):
+        t.add_column(col)
+    with serve_in_background(create_app(served)) as url:
+        for m in (served.name, name):
+            body = {"model": m, "messages": row["messages"][:-1], "max_tokens": 8, "temperature": 0}
+            request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answer = json.load(response)["choices"][0]["message"]["content"]
+            t.add_row(m, answer.strip(), row["messages"][-1]["content"])
+        console.print(f"   {url}/v1/models lists: {', '.join(d['id'] for d in json.load(urllib.request.urlopen(url + '/v1/models'))['data'])}")
+    console.print(t)

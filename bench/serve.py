@@ -1,0 +1,260 @@
+"""Multi-adapter serving, three measurements in one run (each part in fresh processes):
+
+(a) the batched LoRA op, 32 adapters x 1 row, against peft's mixed batch and a merged model
+    (bench/serve_ops.py, run as it is);
+(b) end to end: 16 concurrent requests on 16 adapters through `lorakit serve`'s HTTP API (official
+    `openai` async client), against transformers + peft serving the same requests one after another
+    (`set_adapter` + `generate`), in generated tokens per second; the two must produce the same tokens;
+(c) latency: p50/p95 of requests (4 concurrent clients, each request on a random registered adapter)
+    with 1 and with 1,000 registered adapters. With 1,000, nearly every request misses the RAM tier
+    (64 adapters) and its adapter is read from disk while others decode.
+The model is the embedded SmolLM2-135M-Instruct, fp32, 2 threads; adapters r=16, alpha=32, all-linear,
+deterministic random weights (the 1,000 of (c) are hard links to one file, so disk holds one copy).
+
+    .venv/bin/python bench/serve.py                 # about 6 minutes; writes bench/results/serve.json
+    .venv/bin/python bench/serve.py --parts b,c     # skip (a)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+QUESTIONS = ["Where is my parcel?", "My blender arrived broken, what now?", "Can I return shoes after 40 days?",
+             "The courier left my package at the wrong door.", "How do I change my delivery address?",
+             "I was charged twice for one order.", "Do you ship to Norway?", "The box was open on arrival.",
+             "Can I exchange a jacket for a larger size?", "My tracking number does not work.",
+             "What is your policy on damaged glassware?", "I never received my refund.",
+             "Can someone else sign for my parcel?", "The item is not what I ordered.",
+             "How long does express shipping take?", "I want to cancel my order."]
+
+
+def make_adapters(model_name: str, folder: Path, n: int, r: int, alpha: float) -> list[str]:
+    import torch
+
+    import lorakit as lk
+    from lorakit.inject import adapter_layers
+
+    model, _ = lk.load_base(model_name)
+    names = [f"tenant{j:02d}" for j in range(n)]
+    for j, name in enumerate(names):
+        lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, targets="all-linear"), name=name)
+        g = torch.Generator().manual_seed(j)
+        with torch.no_grad():
+            for _, layer in adapter_layers(model):
+                if name in layer.adapters:
+                    a = layer.adapters[name]
+                    a.A.copy_(torch.randn(a.A.shape, generator=g) / a.A.shape[1] ** 0.5)
+                    a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.02)
+        lk.save_adapter(model, folder / name, name=name)
+    return names
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# -- (b) ----------------------------------------------------------------------------------------
+def e2e_lorakit(args) -> dict:
+    import asyncio
+
+    import openai
+
+    from lorakit.serve.api import create_app, serve_in_background
+    from lorakit.serve.server import ServeConfig, build
+
+    names = sorted(p.name for p in Path(args.dir).iterdir())
+    served = build(ServeConfig(model=args.model, adapters=args.dir, max_num_seqs=len(names), max_batch_tokens=1024))
+    for name in names:                             # read every adapter before timing (peft loads its up front too)
+        served.adapters.prefetch(name).result()
+
+    async def run(prompts):
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600) as client:
+            async def one(name, ids):
+                r = await client.completions.create(model=name, prompt=ids, max_tokens=args.tokens, temperature=0,
+                                                    extra_body={"ignore_eos": True})
+                return r.usage.completion_tokens
+            t = time.perf_counter()
+            counts = await asyncio.gather(*(one(n, p) for n, p in zip(names, prompts)))
+            return time.perf_counter() - t, sum(counts)
+
+    prompts = [chat_ids(served.tokenizer, q) for q in QUESTIONS[:len(names)]]
+    tokens = {}
+    with serve_in_background(create_app(served)) as url:
+        asyncio.run(run(prompts[:2]))                                  # warm-up
+        seconds, generated = asyncio.run(run(prompts))
+        steps = served.engine.counts["steps"]
+        for name, ids in zip(names, prompts):                          # the tokens, for the cross-check
+            tokens[name] = served.engine.generate([ids], [name], _greedy(args.tokens))[0]
+    return {"seconds": seconds, "generated": generated, "tokens_per_s": generated / seconds, "tokens": tokens,
+            "steps_total": steps}
+
+
+def _greedy(n):
+    from lorakit.serve.sampling import SamplingParams
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def e2e_peft(args) -> dict:
+    import peft
+    import torch
+
+    import lorakit as lk
+
+    names = sorted(p.name for p in Path(args.dir).iterdir())
+    base, tokenizer = lk.load_base(args.model)
+    model = peft.PeftModel.from_pretrained(base, Path(args.dir) / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(Path(args.dir) / name, adapter_name=name)
+    model.eval()
+    base.generation_config.eos_token_id = None          # as ignore_eos: the same greedy tokens, all of them
+    prompts = [chat_ids(tokenizer, q) for q in QUESTIONS[:len(names)]]
+
+    def one(name, ids, n):
+        model.set_adapter(name)
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[0, len(ids):].tolist()
+    one(names[0], prompts[0], 4)                                       # warm-up
+    t = time.perf_counter()
+    tokens = {name: one(name, ids, args.tokens) for name, ids in zip(names, prompts)}
+    seconds = time.perf_counter() - t
+    generated = sum(map(len, tokens.values()))
+    return {"seconds": seconds, "generated": generated, "tokens_per_s": generated / seconds, "tokens": tokens}
+
+
+# -- (c) ----------------------------------------------------------------------------------------
+def latency(args) -> dict:
+    import asyncio
+
+    import openai
+
+    from lorakit.serve.api import create_app, serve_in_background
+    from lorakit.serve.server import ServeConfig, build
+
+    served = build(ServeConfig(model=args.model, adapters=args.dir, max_num_seqs=16))
+    names = served.adapters.names()
+    rng = random.Random(0)
+    plan = [(rng.choice(names), QUESTIONS[i % len(QUESTIONS)]) for i in range(args.requests)]
+    prompts = {q: chat_ids(served.tokenizer, q) for q in QUESTIONS}
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600) as client:
+            queue, times = list(plan), []
+
+            async def worker():
+                while queue:
+                    name, q = queue.pop(0)
+                    t = time.perf_counter()
+                    await client.completions.create(model=name, prompt=prompts[q], max_tokens=args.latency_tokens,
+                                                    temperature=0, extra_body={"ignore_eos": True})
+                    times.append(time.perf_counter() - t)
+            await asyncio.gather(*(worker() for _ in range(args.clients)))
+            return times
+
+    with serve_in_background(create_app(served)) as url:
+        warm = list(plan[:args.clients])
+        plan[:0] = warm                                                 # the first round warms up
+        times = asyncio.run(run())[len(warm):]
+        m = served.adapters.metrics()
+    q = statistics.quantiles(times, n=20)
+    return {"registered": len(names), "requests": len(times), "p50_s": statistics.median(times), "p95_s": q[18],
+            "loads": m["loads"], "cpu_misses": m["cpu_misses"], "device_misses": m["device_misses"]}
+
+
+def make_many(src: Path, root: Path, n: int) -> None:
+    for j in range(n):
+        d = root / f"t{j:04d}"
+        d.mkdir(parents=True)
+        (d / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+        os.link(src / "adapter_model.safetensors", d / "adapter_model.safetensors")
+
+
+# -- driver -------------------------------------------------------------------------------------
+WORKERS = {"e2e-lorakit": e2e_lorakit, "e2e-peft": e2e_peft, "latency": latency}
+
+
+def spawn(kind: str, **extra) -> dict:
+    argv = [sys.executable, __file__, "--worker", kind] + sum(([f"--{k.replace('_', '-')}", str(v)]
+                                                              for k, v in extra.items()), []) + sys.argv[1:]
+    done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    if done.returncode:
+        sys.exit(f"{kind} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--parts", default="a,b,c")
+    p.add_argument("--adapters", type=int, default=16, help="(b): adapters = concurrent requests")
+    p.add_argument("--tokens", type=int, default=64, help="(b): tokens generated per request")
+    p.add_argument("--requests", type=int, default=48, help="(c): timed requests per setting")
+    p.add_argument("--clients", type=int, default=4, help="(c): concurrent clients")
+    p.add_argument("--latency-tokens", type=int, default=16, help="(c): tokens per request")
+    p.add_argument("--many", type=int, default=1000, help="(c): registered adapters in the large setting")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
+    p.add_argument("--worker", choices=WORKERS)
+    p.add_argument("--dir")
+    args = p.parse_args()
+    if args.worker:
+        import torch
+        torch.set_num_threads(args.threads)
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+
+    parts, out = set(args.parts.split(",")), {"args": vars(args)}
+    if "a" in parts:
+        ops_json = HERE / "results" / "serve_ops.json"
+        cmd = [sys.executable, str(HERE / "serve_ops.py"), "--threads", str(args.threads), "--out", str(ops_json)]
+        print("(a) the batched op in the whole model (bench/serve_ops.py)\n", flush=True)
+        subprocess.run(cmd, check=True)
+        out["a"] = json.loads(ops_json.read_text())["ratios"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_adapters(args.model, tmp / "b", args.adapters, args.r, args.alpha)
+        if "b" in parts:
+            ours, theirs = spawn("e2e-lorakit", dir=tmp / "b"), spawn("e2e-peft", dir=tmp / "b")
+            same = sum(ours["tokens"][n] == theirs["tokens"][n] for n in ours["tokens"])
+            out["b"] = {"lorakit": {k: v for k, v in ours.items() if k != "tokens"},
+                        "peft_sequential": {k: v for k, v in theirs.items() if k != "tokens"},
+                        "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"], "identical_outputs": same}
+            print(f"\n(b) {args.adapters} concurrent requests on {args.adapters} adapters, {args.tokens} tokens each "
+                  f"(greedy)\n\n| server | tokens/s | wall (s) |\n| --- | ---: | ---: |\n"
+                  f"| lorakit serve (HTTP, continuous batching) | {ours['tokens_per_s']:.1f} | {ours['seconds']:.2f} |\n"
+                  f"| transformers + peft, one request after another | {theirs['tokens_per_s']:.1f} | "
+                  f"{theirs['seconds']:.2f} |\n| **speed-up** (target >= 5x) | **x{out['b']['speedup']:.2f}** | |\n"
+                  f"\nidentical token sequences: {same} of {len(ours['tokens'])}", flush=True)
+        if "c" in parts:
+            src = tmp / "b" / sorted(os.listdir(tmp / "b"))[0]
+            make_many(src, tmp / "one", 1)
+            make_many(src, tmp / "many", args.many)
+            one, many = spawn("latency", dir=tmp / "one"), spawn("latency", dir=tmp / "many")
+            out["c"] = {"one": one, "many": many, "p50_ratio": many["p50_s"] / one["p50_s"],
+                        "p95_ratio": many["p95_s"] / one["p95_s"]}
+            print(f"\n(c) latency, {args.clients} concurrent clients, {args.requests} requests of {args.latency_tokens} "
+                  f"tokens, each on a random registered adapter\n\n| registered adapters | p50 (s) | p95 (s) | "
+                  f"adapter loads from disk |\n| ---: | ---: | ---: | ---: |")
+            for r in (one, many):
+                print(f"| {r['registered']:,} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['loads']} |")
+            print(f"| **ratio** (target <= 1.2x) | **x{out['c']['p50_ratio']:.2f}** | **x{out['c']['p95_ratio']:.2f}** | |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
