@@ -222,3 +222,19 @@ def test_a_full_queue_answers_429_with_retry_after(root):
     assert third.status_code == 429 and third.headers["retry-after"] == "1"
     assert third.json()["error"]["type"] == "rate_limit_error"
     assert [r.status_code for r in first_two] == [200, 200]
+
+
+def test_a_request_past_its_timeout_gets_504_and_is_aborted(root):
+    served = build(ServeConfig(model="tiny-llama", adapters=str(root), max_lora_rank=8, request_timeout=0.5))
+    gate = threading.Event()
+    read = served.adapters._loader
+    served.adapters._loader = lambda name, path: (gate.wait(30), read(name, path))[1]     # the load hangs
+    with serve_in_background(create_app(served)) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "lora4", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 504 and "longer than 0.5 s" in r.json()["error"]["message"]
+        deadline = time.monotonic() + 10
+        while served.engine.counts["finished_abort"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert served.engine.counts["finished_abort"] == 1 and served.engine.queue_depth == 0
+        gate.set()
+        assert httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2}).status_code == 200

@@ -171,7 +171,9 @@ class Engine:
     def generate(self, prompts: list[list[int]], adapters: list[str | None] | None = None,
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
         """Run requests to completion on this thread (tests, benchmarks); each one's generated tokens.
-        Not to be mixed with `start()`."""
+        Not while `start()`'s thread runs: one thread steps the engine."""
+        if self._thread is not None:
+            raise RuntimeError("the engine runs on its background thread; submit requests instead of generate()")
         adapters = adapters or [None] * len(prompts)
         params = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.submit(p, a, s) for p, a, s in zip(prompts, adapters, params)]
