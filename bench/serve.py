@@ -58,6 +58,32 @@ def make_adapters(model_name: str, folder: Path, n: int, r: int, alpha: float) -
     return names
 
 
+def drive(served, client):
+    """`lorakit serve`'s arrangement: HTTP on a background thread, the engine on this (the main) thread;
+    `client(url)` runs on a third thread and its result is returned."""
+    import threading
+
+    from lorakit.serve.api import create_app, serve_in_background
+
+    out = {}
+    with serve_in_background(create_app(served, start_engine=False)) as url:
+        def run():
+            try:
+                out["result"] = client(url)
+            except BaseException as e:          # report it from the main thread
+                out["error"] = e
+            finally:
+                served.engine.stop()
+        thread = threading.Thread(target=run)
+        thread.start()
+        served.engine.run()
+        thread.join()
+    served.close()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 def chat_ids(tokenizer, question: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                          tokenize=False)
@@ -70,7 +96,6 @@ def e2e_lorakit(args) -> dict:
 
     import openai
 
-    from lorakit.serve.api import create_app, serve_in_background
     from lorakit.serve.server import ServeConfig, build
 
     names = sorted(p.name for p in Path(args.dir).iterdir())
@@ -89,11 +114,15 @@ def e2e_lorakit(args) -> dict:
             return time.perf_counter() - t, sum(c for c, _ in results), [text for _, text in results]
 
     prompts = [chat_ids(served.tokenizer, q) for q in QUESTIONS[:len(names)]]
-    with serve_in_background(create_app(served)) as url:
+    def client(base):
+        nonlocal url
+        url = base
         asyncio.run(run(prompts[:2]))                                  # warm-up
         steps = served.engine.counts["steps"]
         seconds, generated, texts = asyncio.run(run(prompts))
-        steps = served.engine.counts["steps"] - steps
+        return seconds, generated, texts, served.engine.counts["steps"] - steps
+    url = None
+    seconds, generated, texts, steps = drive(served, client)
     return {"seconds": seconds, "generated": generated, "tokens_per_s": generated / seconds,
             "texts": dict(zip(names, texts)), "steps": steps}
 
@@ -134,7 +163,6 @@ def latency(args) -> dict:
 
     import openai
 
-    from lorakit.serve.api import create_app, serve_in_background
     from lorakit.serve.server import ServeConfig, build
 
     served = build(ServeConfig(model=args.model, adapters=args.dir, max_num_seqs=16))
@@ -157,11 +185,15 @@ def latency(args) -> dict:
             await asyncio.gather(*(worker() for _ in range(args.clients)))
             return times
 
-    with serve_in_background(create_app(served)) as url:
-        warm = list(plan[:args.clients])
-        plan[:0] = warm                                                 # the first round warms up
-        times = asyncio.run(run())[len(warm):]
-        m = served.adapters.metrics()
+    def client(base):
+        nonlocal url
+        url = base
+        return asyncio.run(run())
+    url = None
+    warm = list(plan[:args.clients])
+    plan[:0] = warm                                                     # the first round warms up
+    times = drive(served, client)[len(warm):]
+    m = served.adapters.metrics()
     q = statistics.quantiles(times, n=20)
     return {"registered": len(names), "requests": len(times), "p50_s": statistics.median(times), "p95_s": q[18],
             "loads": m["loads"], "cpu_misses": m["cpu_misses"], "device_misses": m["device_misses"]}

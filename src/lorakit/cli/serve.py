@@ -20,14 +20,21 @@ def register(p):
 
 
 def run(args) -> int:
-    import uvicorn
+    import signal
 
-    from ..serve.api import create_app, read_api_keys
+    from ..serve.api import create_app, read_api_keys, serve_in_background
     from ..serve.server import build
 
     keys = read_api_keys(args.api_keys) if args.api_keys else None
     served = build(config_from_args(ServeConfig, args))
-    print(f"lorakit serve: {served.name} with {len(served.adapters.names())} adapters on "
-          f"http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(create_app(served, keys), host=args.host, port=args.port, log_level="warning")
+    signal.signal(signal.SIGTERM, lambda *_: served.engine.stop())
+    # the HTTP server on a background thread, the engine on this one (see Engine.run)
+    with serve_in_background(create_app(served, keys, start_engine=False), args.host, args.port) as url:
+        print(f"lorakit serve: {served.name} with {len(served.adapters.names())} adapters on {url}/v1 "
+              "(Ctrl-C stops)", flush=True)
+        try:
+            served.engine.run()
+        except KeyboardInterrupt:
+            pass
+    served.close()
     return 0

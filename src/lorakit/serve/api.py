@@ -111,7 +111,9 @@ def read_api_keys(path: str | Path) -> dict[str, set[str]]:
 
 
 # -- the app ------------------------------------------------------------------------------------
-def create_app(served: ServedModel, api_keys: dict[str, set[str]] | None = None) -> FastAPI:
+def create_app(served: ServedModel, api_keys: dict[str, set[str]] | None = None, start_engine: bool = True) -> FastAPI:
+    """The app for `served`. With `start_engine`, its lifespan runs the engine on a background thread
+    and closes everything at shutdown; without, the caller runs `served.engine.run()` and cleans up."""
     engine, cache, limits = served.engine, served.adapters, served.config
     registry = CollectorRegistry()
     http_requests = Counter("lorakit_http_requests", "HTTP requests by route and status", ["route", "status"],
@@ -120,9 +122,11 @@ def create_app(served: ServedModel, api_keys: dict[str, set[str]] | None = None)
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        if start_engine:
+            engine.start()
         yield
-        served.close()
+        if start_engine:
+            served.close()
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
 
