@@ -226,11 +226,32 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     raw, config_path = read_config(directory)
     if raw.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
         return _load_input_adapter(model, raw, config_path, Path(directory) / WEIGHTS_NAME, name)
+    if name in configs(model):
+        raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
+    cfg, targets, saved, found = check_adapter(model, directory)
+    inject(model, cfg, name)
+    with torch.no_grad():
+        for t in targets:
+            adapter = model.get_submodule(t).adapters[name]
+            adapter.A.copy_(found[f"{t}.lora_A"])
+            adapter.B.copy_(found[f"{t}.lora_B"])
+            if cfg.use_dora:
+                adapter.m.copy_(found[f"{t}.{MAGNITUDE}"])
+        for s in saved:
+            copy = model.get_submodule(s).copies[name]
+            for key, value in copy.state_dict().items():
+                value.copy_(found[f"{s}.{key}"])
+    return model
+
+
+def check_adapter(model: nn.Module, directory: str | Path):
+    """Read a PEFT LoRA folder and check it against `model`, changing nothing: (LoraConfig, target module
+    names, modules_to_save names, tensors keyed "<module>.lora_A" / ".lora_B" / ".lora_magnitude_vector"
+    / "<saved module>.<key>"). Every problem raises AdapterFormatError naming the file and the tensors."""
+    raw, config_path = read_config(directory)
     cfg = config_from_peft(raw, config_path)
     weights_path = Path(directory) / WEIGHTS_NAME
     tensors = read_tensors(weights_path)
-    if name in configs(model):
-        raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
 
     theirs, ours = raw.get("base_model_name_or_path"), base_model_name(model)
     if theirs and ours and Path(str(theirs)).name != Path(str(ours)).name:
@@ -288,20 +309,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
              if tuple(found[k].shape) != expected[k]]
     if wrong:
         raise AdapterFormatError(f"{weights_path}: shape mismatch for {len(wrong)} tensors: " + "; ".join(wrong[:8]))
-
-    inject(model, cfg, name)
-    with torch.no_grad():
-        for t in targets:
-            adapter = model.get_submodule(t).adapters[name]
-            adapter.A.copy_(found[f"{t}.lora_A"])
-            adapter.B.copy_(found[f"{t}.lora_B"])
-            if cfg.use_dora:
-                adapter.m.copy_(found[f"{t}.{MAGNITUDE}"])
-        for s in saved:
-            copy = model.get_submodule(s).copies[name]
-            for key, value in copy.state_dict().items():
-                value.copy_(found[f"{s}.{key}"])
-    return model
+    return cfg, targets, saved, found
 
 
 def _load_input_adapter(model: nn.Module, raw: dict, config_path: Path, weights_path: Path, name: str) -> nn.Module:

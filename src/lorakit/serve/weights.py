@@ -1,9 +1,9 @@
 """An adapter as the server holds it in RAM: per layer A, B, scale and (DoRA) the factor g.
 
-`read_adapter` goes through lorakit's own loader (`load_adapter`, with all its checks and messages)
-into a throwaway shadow of the served model: containers that hold the served model's real linear
-layers under their real names, so target rules resolve exactly as on the model itself and nothing
-of the served model changes. The DoRA factor g = m / ||W0 + s B A||_c is computed here, once, on
+`read_adapter` checks a folder with lorakit's own loader (`check_adapter`: every check and message
+of `load_adapter`, no injection) against a shadow of the served model: containers that hold the
+served model's real linear layers under their real names, so target rules resolve exactly as on
+the model itself and nothing of the served model changes. The DoRA factor g = m / ||W0 + s B A||_c is computed here, once, on
 the loading thread; a slot write is then a plain copy.
 What this does not do: prompt/prefix adapters or modules_to_save (they are not per-row weights).
 """
@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..inject import adapter_layers, configs
-from ..io.peft_format import AdapterFormatError, load_adapter, read_config
+from ..io.peft_format import MAGNITUDE, AdapterFormatError, check_adapter, read_config
 from ..methods.dora import DoraAdapter
+from ..quant.linear4bit import Linear4bit
 from .lora_ops import dora_factor
 
 
@@ -109,9 +111,15 @@ def read_adapter(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int
     if raw.get("modules_to_save"):
         raise AdapterFormatError(f"{config_path}: modules_to_save {raw['modules_to_save']} cannot be served per row "
                                  "(they are whole copies of a module, not low-rank updates)")
-    load_adapter(shadow, folder, "serve")
-    weights = weights_from_model(shadow, "serve")
-    weights.name, weights.source = name, Path(folder)
+    cfg, targets, _, found = check_adapter(shadow, folder)     # no injection: no modules built, no init
+    layers = {}
+    for t in targets:
+        A, B = found[f"{t}.lora_A"].float(), found[f"{t}.lora_B"].float()     # (r, d_in), (d_out, r)
+        scale, g = cfg.scale_for(t), None
+        if cfg.use_dora:
+            g = dora_factor(dense_weight(shadow.get_submodule(t)), A, B, scale, found[f"{t}.{MAGNITUDE}"].float())
+        layers[t] = LayerWeights(A, B, scale, g)
+    weights = AdapterWeights(name, layers, Path(folder))
     outside = [m for m in weights.layers if m not in served]
     if outside:
         raise AdapterFormatError(f"{config_path}: targets modules this server has no slots for: "
@@ -124,6 +132,15 @@ def read_adapter(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int
     if bad:
         raise AdapterFormatError(f"{config_path}: non-finite values in the weights of {sorted(bad)[:8]}")
     return weights
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """A base linear layer's weight as a float (d_out, d_in) tensor (dequantized, Conv1D transposed)."""
+    with torch.no_grad():
+        if isinstance(layer, Linear4bit):
+            return layer.dequantize().float()
+        w = layer.weight.detach().float()
+        return w.T if isinstance(layer, Conv1D) else w
 
 
 def _kinds(served) -> str:
