@@ -127,9 +127,10 @@ def read_adapter(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int
     too_big = {m: w.A.shape[0] for m, w in weights.layers.items() if w.A.shape[0] > r_max}
     if too_big:
         raise AdapterFormatError(f"{config_path}: rank {max(too_big.values())} is above the server's r_max = {r_max}")
-    bad = [m for m, w in weights.layers.items()
-           if not all(torch.isfinite(t).all() for t in (w.A, w.B, w.g) if t is not None)]
-    if bad:
+    everything = [t.flatten() for w in weights.layers.values() for t in (w.A, w.B, w.g) if t is not None]
+    if not bool(torch.isfinite(torch.cat(everything)).all()):             # one pass; find the culprits only if needed
+        bad = [m for m, w in weights.layers.items()
+               if not all(torch.isfinite(t).all() for t in (w.A, w.B, w.g) if t is not None)]
         raise AdapterFormatError(f"{config_path}: non-finite values in the weights of {sorted(bad)[:8]}")
     return weights
 
