@@ -5,11 +5,11 @@ import argparse
 import logging
 import sys
 
-from . import demo, inspect, merge, plan, serve, train
+from . import demo, inspect, merge, plan, serve, sweep, train
 from . import eval as eval_cmd  # a plain `eval` would shadow the builtin here
 
 COMMANDS = {"train": train, "eval": eval_cmd, "plan": plan, "inspect": inspect, "merge": merge, "serve": serve,
-            "demo": demo}
+            "sweep": sweep, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
