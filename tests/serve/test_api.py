@@ -174,6 +174,7 @@ def test_health_and_prometheus_metrics(server, client):
     for name in ("lorakit_requests_total", "lorakit_generation_tokens_total", "lorakit_queue_depth",
                  "lorakit_batch_sequences_count", "lorakit_adapter_device_hits_total", "lorakit_adapter_cpu_misses_total",
                  "lorakit_adapter_device_evictions_total", "lorakit_adapter_cpu_bytes", "lorakit_kv_cache_bytes",
+                 "lorakit_queue_seconds_count", "lorakit_first_token_seconds_sum", "lorakit_request_seconds_sum",
                  'lorakit_http_requests_total{route="/v1/completions",status="200"}'):
         assert name in text, name
     line = next(ln for ln in text.splitlines() if ln.startswith("lorakit_generation_tokens_total"))

@@ -384,6 +384,11 @@ class _Collector:
                                   count_value=e.get("steps", 0), sum_value=e.get("batched_seqs", 0))
         yield SummaryMetricFamily("lorakit_batch_tokens", "tokens per forward step",
                                   count_value=e.get("steps", 0), sum_value=e.get("batched_tokens", 0))
+        for key, doc in (("queue_seconds", "arrival to admission (adapter loaded, slot pinned)"),
+                         ("first_token_seconds", "arrival to first token"),
+                         ("request_seconds", "arrival to last token")):
+            yield SummaryMetricFamily(f"lorakit_{key}", f"completed requests: {doc}",
+                                      count_value=e.get("timed_requests", 0), sum_value=e.get(key, 0.0))
         gauges = {"queue_depth": "requests waiting", "running": "requests in the running batch",
                   "batch_seqs": "sequences in the latest step", "kv_cache_bytes": "bytes of KV cache held"}
         for key, doc in gauges.items():

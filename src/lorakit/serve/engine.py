@@ -156,6 +156,12 @@ class Engine:
     def _finish(self, seq: Sequence, token: int | None, reason: str, error: Exception | None = None) -> Event:
         self.scheduler.finish(seq)
         self.counts[f"finished_{reason}"] += 1
+        if reason in ("stop", "length"):          # where a completed request's time went, for /metrics
+            now = time.monotonic()
+            self.counts["timed_requests"] += 1
+            self.counts["queue_seconds"] += seq.admitted - seq.arrived
+            self.counts["first_token_seconds"] += seq.first_token - seq.arrived
+            self.counts["request_seconds"] += now - seq.arrived
         event = Event(seq.id, token, reason, error)
         self._call(seq, event)
         return event

@@ -48,6 +48,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     load: object = None                      # the adapter's load future while waiting on it
+    admitted: float | None = None            # when it joined the running batch (its adapter in a slot)
     first_token: float | None = None
 
     @property
@@ -108,6 +109,7 @@ class Scheduler:
                 continue
             seq.cache = new_cache()
             seq.generator = generator_for(seq.params)
+            seq.admitted = time.monotonic()
             self.running.append(seq)
         self.waiting = kept
         return failed
