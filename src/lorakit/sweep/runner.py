@@ -137,7 +137,7 @@ def _run_one(sweep: Sweep, config: dict, folder: Path, load) -> tuple[dict, str]
             planned_peak_bytes=summary["planned_memory"].get("total_bytes"),
             measured_peak_bytes=summary["peak_memory"]["peak_above_baseline_bytes"],
             peak_kind=summary["peak_memory"]["kind"], steps=summary["steps"], resumed_at_step=start_step,
-            train_seconds=summary["seconds"], s_per_step=summary["seconds"] / trained if trained else None,
+            train_seconds=summary["seconds"], s_per_step=_step_seconds(folder, start_step, summary["seconds"], trained),
             final_loss=summary["final_loss"], eval_loss=summary["eval_loss"],
             adapter_bytes=sum(f.stat().st_size for f in Path(summary["weights"]).iterdir() if f.is_file()))
         record.update(_evaluate(sweep, model, tokenizer, cfg))
@@ -145,6 +145,22 @@ def _run_one(sweep: Sweep, config: dict, folder: Path, load) -> tuple[dict, str]
     del model
     gc.collect()
     return record, "resumed" if last else "trained"
+
+
+def _step_seconds(folder: Path, start_step: int, seconds: float, trained: int) -> float | None:
+    """Seconds per optimizer step of this session's training loop.
+
+    The trainer logs cumulative tokens/s at every step, so sum(tokens) / (tokens/s at the last step)
+    is the loop's own time, without the final held-out loss and checkpoint write that `seconds`
+    includes; when not every step was logged, `seconds` is what there is.
+    """
+    if not trained:
+        return None
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["step"] > start_step]
+    if len(rows) != trained or not rows[-1].get("tokens_per_s"):
+        return seconds / trained
+    return sum(r["tokens"] for r in rows) / rows[-1]["tokens_per_s"] / trained
 
 
 def _evaluate(sweep: Sweep, model, tokenizer, cfg) -> dict:
