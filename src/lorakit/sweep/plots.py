@@ -22,11 +22,27 @@ def _pyplot():
     return plt
 
 
-def labels(rows: list[dict]) -> dict[str, str]:
-    """Short names per run: the settings that differ between runs (the id when nothing does)."""
+def labels(rows: list[dict], skip: tuple = ()) -> dict[str, str]:
+    """Short names per run: the settings that differ between runs (the id when nothing does).
+
+    alpha is left out when it only follows r (the scale alpha/r is the same in every run).
+    """
     keys = ("method", "r", "alpha", "targets", "lr", "dropout", "quantize", "num_virtual_tokens", "seed", "steps")
-    varying = [k for k in keys if len({str(r[k]) for r in rows}) > 1]
-    return {r["id"]: ", ".join(f"{k}={r[k]}" for k in varying if r[k] is not None) or r["id"] for r in rows}
+    varying = [k for k in keys if k not in skip and len({str(r[k]) for r in rows}) > 1]
+    if "alpha" in varying and len({r["scale"] for r in rows}) == 1:
+        varying.remove("alpha")
+    text = lambda v: format(v, "g") if isinstance(v, float) else str(v)         # noqa: E731
+    return {r["id"]: ", ".join(f"{k}={text(r[k])}" for k in varying if r[k] is not None) or
+            ("" if skip else r["id"]) for r in rows}
+
+
+def _count_axis(ax) -> None:
+    """A log axis of parameter counts labelled 230K, 1.2M: matplotlib's 2x10^5 minor labels collide."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}K"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _group(r: dict) -> str:
@@ -68,7 +84,7 @@ def score_vs_params(rows: list[dict], chosen: str | None, path: Path) -> Path:
     if not scored:
         _empty(ax, "no run finished training")
     else:
-        styles, names = _styles(scored), labels(rows)
+        styles, names = _styles(scored), labels(rows, skip=("method", "targets"))   # the legend has those
         for r in scored:
             style = styles[_group(r)]
             x, acc = r["trainable_params"], r["heldout_accuracy"]
@@ -79,6 +95,8 @@ def score_vs_params(rows: list[dict], chosen: str | None, path: Path) -> Path:
         for g, style in styles.items():
             ax.plot([], [], linestyle="none", label=g, **style)
         ax.set_xscale("log")
+        _count_axis(ax)
+        ax.margins(x=0.12)
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("held-out accuracy (95% Wilson interval)")
         ax.set_ylim(-0.05, 1.05)

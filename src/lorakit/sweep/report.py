@@ -155,8 +155,8 @@ def _markdown(rows: list[dict], sel: dict, admitted: tuple, meta: dict) -> str:
     lines += [f"- selection rule `{sel['rule']}`: " + RULE_TEXT.format(admitted=" or ".join(admitted)),
               "- thresholds: " + ", ".join(f"{k} = {v}" for k, v in sel["thresholds"].items()), ""]
     lines += ["| | run | method | r | alpha | targets | lr | trainable | s/step | peak MB planned / measured "
-              "| final loss | held-out accuracy [95% CI] | prose ppl change | prompts kept | verdict | adapter KB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| final train loss | held-out loss | held-out accuracy [95% CI] | prose ppl change | prompts kept "
+              "| verdict | adapter KB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "-" if r["heldout_accuracy"] is None else \
             f"{r['heldout_accuracy']:.1%} [{r['heldout_low']:.1%}, {r['heldout_high']:.1%}]"
@@ -164,7 +164,8 @@ def _markdown(rows: list[dict], sel: dict, admitted: tuple, meta: dict) -> str:
         lines.append(" | ".join([
             "| **selected**" if r["selected"] else "|", r["id"], r["method"], _num(r["r"], "d"), _num(r["alpha"], "g"),
             r["targets"] or "-", _num(r["lr"], "g"), _num(r["trainable_params"], ",d"), _num(r["s_per_step"], ".2f"),
-            f"{mb(r['planned_peak_bytes'])} / {mb(r['measured_peak_bytes'])}", _num(r["final_loss"], ".4f"), acc,
+            f"{mb(r['planned_peak_bytes'])} / {mb(r['measured_peak_bytes'])}", _num(r["final_loss"], ".4f"),
+            _num(r["eval_loss"], ".4f"), acc,
             _num(r["ppl_change"], "+.2%"), _num(r["prompts_kept"], ".0%"), r["verdict"],
             _num(None if r["adapter_bytes"] is None else r["adapter_bytes"] / 1024, ",.0f")]) + " |")
     lines += ["", "## Why not the others", ""]
