@@ -7,9 +7,7 @@
   adapter: a request waits for its own adapter only, never for another tenant's.
 - Device tier: up to `max_active_adapters` adapters in the served model's slots. `acquire` pins an
   adapter's slot for a running request, `release` unpins it; only unpinned slots are evicted (LRU).
-  With every slot pinned, `acquire` raises `NoFreeSlot` (the scheduler should wait, not us). With
-  `stage=True` (the server's setting) a fresh read is also written into a slot on the loading
-  thread, so admitting its request costs the engine thread no copy.
+  With every slot pinned, `acquire` raises `NoFreeSlot` (the scheduler should wait, not us).
 Counters (hits, misses, evictions per tier, resident bytes) come out of `metrics()` as a flat dict.
 A slot is written only while no request pins it, and a forward reads only its rows' slots (or
 multiplies a spanned, unused one by zero rows), so `acquire` may run beside a forward.
@@ -95,8 +93,7 @@ class AdapterCache:
 
     def __init__(self, handle: ServeHandle, adapter_root: str | Path, max_cpu_adapters: int = 32,
                  max_active_adapters: int | None = None, max_cpu_bytes: int | None = None, workers: int = 2,
-                 loader: Callable[[str, Path], AdapterWeights] | None = None, reserved=("base",),
-                 stage: bool = False):
+                 loader: Callable[[str, Path], AdapterWeights] | None = None, reserved=("base",)):
         active = handle.n_slots if max_active_adapters is None else max_active_adapters
         if not 1 <= active <= handle.n_slots:
             raise ValueError(f"max_active_adapters = {active}: the model has {handle.n_slots} slots")
@@ -119,10 +116,8 @@ class AdapterCache:
         self._free = list(range(active))[::-1]
         self._pins: dict[str, int] = {}
         self._retiring: set[str] = set()                               # unregistered while pinned
-        self.stage = stage                 # write a fresh read into a slot on the loading thread
-        self._staging: set[str] = set()
         self._counts = dict.fromkeys(("cpu_hits", "cpu_misses", "cpu_evictions", "device_hits", "device_misses",
-                                      "device_evictions", "loads", "load_errors", "staged"), 0)
+                                      "device_evictions", "loads", "load_errors"), 0)
 
     # -- registry -----------------------------------------------------------------------------
     def register(self, name: str, lora_path, load: bool = True) -> None:
@@ -189,7 +184,7 @@ class AdapterCache:
     def ready(self, name: str) -> bool:
         """Whether `acquire(name)` would not wait on the disk."""
         with self._lock:
-            return name in self._slot_of or (name in self._cpu and name not in self._staging)
+            return name in self._slot_of or name in self._cpu
 
     def _read(self, name: str, entry: _Entry) -> AdapterWeights:    # on a pool thread
         try:
@@ -212,35 +207,7 @@ class AdapterCache:
             if self._registry.get(name) is entry:   # still wanted: keep it (else only this caller gets it)
                 self._cpu[name] = weights
                 self._trim_cpu(keep=name)
-        if self.stage:
-            self._stage(name, entry, weights)
         return weights
-
-    def _stage(self, name: str, entry: _Entry, weights: AdapterWeights) -> None:
-        """Place a fresh read in a device slot here, on the loading thread, so that the engine thread
-        does not copy the adapter between two steps when its request is admitted. Only a free or
-        unpinned slot is taken (no running request reads it); `ready` says False until it is written."""
-        with self._lock:
-            if self._registry.get(name) is not entry or name in self._slot_of or name in self._staging:
-                return
-            try:
-                k = self._take_slot(name)
-            except NoFreeSlot:
-                return                             # every slot is busy: `acquire` places it later
-            self._staging.add(name)
-        try:
-            self.handle.write_slot(k, weights)
-            placed = True
-        except Exception:                          # `acquire` reports the problem to the request
-            placed = False
-        with self._lock:
-            self._staging.discard(name)
-            if placed and self._registry.get(name) is entry and name not in self._slot_of:
-                self._slot_of[name], self._slot_nbytes[name] = k, weights.nbytes
-                self._counts["staged"] += 1
-            else:
-                self.handle.clear_slot(k)
-                self._free.append(k)
 
     def _trim_cpu(self, keep: str) -> None:
         def over():

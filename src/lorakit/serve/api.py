@@ -394,7 +394,7 @@ class _Collector:
         for key, doc in gauges.items():
             yield GaugeMetricFamily(f"lorakit_{key}", doc, value=e[key])
         for key in ("cpu_hits", "cpu_misses", "cpu_evictions", "device_hits", "device_misses", "device_evictions",
-                    "loads", "load_errors", "staged"):
+                    "loads", "load_errors"):
             yield CounterMetricFamily(f"lorakit_adapter_{key}", f"adapter cache: {key.replace('_', ' ')}",
                                       value=c[key])
         for key in ("registered", "cpu_adapters", "cpu_bytes", "active_adapters", "device_bytes", "device_slot_bytes",

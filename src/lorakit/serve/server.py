@@ -108,7 +108,7 @@ def build(config: ServeConfig) -> ServedModel:
     r_max = config.max_lora_rank or max(max_rank(folders.values()), 16)
     slots = config.max_active_adapters or config.max_num_seqs
     handle = attach(base, config.targets, slots=slots, r_max=r_max)
-    cache = AdapterCache(handle, root, max_cpu_adapters=config.max_cpu_adapters, max_active_adapters=slots, stage=True)
+    cache = AdapterCache(handle, root, max_cpu_adapters=config.max_cpu_adapters, max_active_adapters=slots)
     for adapter, folder in folders.items():
         cache.register(adapter, folder.name, load=False)
     eos_ids = set()
