@@ -78,7 +78,7 @@ def test_demo_pipeline_on_embedded(embedded_folder, tmp_path, capsys):
     assert "POST /v1/chat/completions" in out and "carrier-policy" in out and "smollm2-135m-instruct" in out
 
 
-@pytest.mark.parametrize("command", ["train", "plan", "eval", "inspect", "merge", "serve", "demo"])
+@pytest.mark.parametrize("command", ["train", "plan", "eval", "inspect", "merge", "serve", "sweep", "demo"])
 def test_every_command_has_working_help(capsys, command):
     from lorakit.cli import main
     with pytest.raises(SystemExit) as done:
