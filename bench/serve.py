@@ -103,7 +103,7 @@ def e2e_lorakit(args) -> dict:
     for name in names:                             # read every adapter before timing (peft loads its up front too)
         served.adapters.prefetch(name).result()
 
-    async def run(prompts):
+    async def run(url, prompts):
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600) as client:
             async def one(name, ids):
                 r = await client.completions.create(model=name, prompt=ids, max_tokens=args.tokens, temperature=0,
@@ -114,14 +114,11 @@ def e2e_lorakit(args) -> dict:
             return time.perf_counter() - t, sum(c for c, _ in results), [text for _, text in results]
 
     prompts = [chat_ids(served.tokenizer, q) for q in QUESTIONS[:len(names)]]
-    def client(base):
-        nonlocal url
-        url = base
-        asyncio.run(run(prompts[:2]))                                  # warm-up
+    def client(url):
+        asyncio.run(run(url, prompts[:2]))                             # warm-up
         steps = served.engine.counts["steps"]
-        seconds, generated, texts = asyncio.run(run(prompts))
+        seconds, generated, texts = asyncio.run(run(url, prompts))
         return seconds, generated, texts, served.engine.counts["steps"] - steps
-    url = None
     seconds, generated, texts, steps = drive(served, client)
     return {"seconds": seconds, "generated": generated, "tokens_per_s": generated / seconds,
             "texts": dict(zip(names, texts)), "steps": steps}
@@ -171,7 +168,7 @@ def latency(args) -> dict:
     plan = [(rng.choice(names), QUESTIONS[i % len(QUESTIONS)]) for i in range(args.requests)]
     prompts = {q: chat_ids(served.tokenizer, q) for q in QUESTIONS}
 
-    async def run():
+    async def run(url):
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600) as client:
             queue, times = list(plan), []
 
@@ -185,11 +182,8 @@ def latency(args) -> dict:
             await asyncio.gather(*(worker() for _ in range(args.clients)))
             return times
 
-    def client(base):
-        nonlocal url
-        url = base
-        return asyncio.run(run())
-    url = None
+    def client(url):
+        return asyncio.run(run(url))
     warm = list(plan[:args.clients])
     plan[:0] = warm                                                     # the first round warms up
     times = drive(served, client)[len(warm):]

@@ -127,10 +127,10 @@ class Engine:
         except Exception as e:                                     # one bad batch must not stop the server
             log.exception("forward step failed; failing its %d requests", len(batch))
             return events + [self._finish(seq, None, "error", e) for seq, _ in batch]
-        self.counts["steps"] += 1
-        self.counts["batched_tokens"] += sum(len(t) for _, t in batch)
-        self.counts["batched_seqs"] += len(batch)
         self.last_batch = (len(batch), sum(len(t) for _, t in batch))
+        self.counts["steps"] += 1
+        self.counts["batched_seqs"] += self.last_batch[0]
+        self.counts["batched_tokens"] += self.last_batch[1]
         ready = []
         for row, (seq, tokens) in enumerate(batch):
             if not seq.decoding:
