@@ -60,7 +60,9 @@ def test_files_move_both_ways_with_bitsandbytes():
     mine = Linear4bit.shell(lin)
     mine.load_state_dict(native.state_dict())
     assert torch.equal(mine(x), native(x))                       # theirs loads in lorakit
-    assert sorted(sd) == sorted(native.state_dict())             # the same keys
+    assert sorted(sd) == sorted(native.state_dict())             # the same keys...
+    for key, value in native.state_dict().items():               # ...and the same bytes: one file, either library
+        assert torch.equal(sd[key], value), key
     assert torch.equal(sd["weight.quant_state.bitsandbytes__nf4"], native.state_dict()["weight.quant_state.bitsandbytes__nf4"])
 
 

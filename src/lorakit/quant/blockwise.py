@@ -1,13 +1,17 @@
 """Blockwise absmax quantization onto a sorted codebook, and the 8-bit dynamic codebook.
 
 A tensor is flattened and cut into blocks of `blocksize` values (the last block may be short). Each
-block is scaled by 1/absmax into [-1, 1] and every value is replaced by the index of the nearest
-code; a value exactly halfway between two codes takes the lower one. Dequantization is
-`code[index] * absmax` in fp32. These rules, the codebooks and the memory layout are the ones
-bitsandbytes uses, so codes, scales and files are interchangeable with it: tests check bit equality
-against its reference kernel and its 4-bit path. (Its CPU library quantizes 8-bit codes with an
-approximate bucket search that picks a farther code for ~0.2% of values with the signed map and
-~4% with the unsigned one, never the nearer; stored bits dequantize identically in both libraries.)
+block is scaled by 1/absmax into [-1, 1] and every value is replaced by a code index; dequantization
+is `code[index] * absmax` in fp32. The codebooks and the memory layout are bitsandbytes', so codes,
+scales and files are interchangeable with it. Two roundings, both bitsandbytes':
+
+- "nearest" (the default): the nearest code, a tie to the lower one. This is bitsandbytes'
+  reference (device-independent) kernel and the rule for NF4; tests check bit equality with it.
+- "grid": bitsandbytes' CPU library. [-1, 1] is cut into a 65,536-point grid, each point holds
+  its nearest code, and a value takes the code of its grid point. A value within half a grid step
+  (1.5e-5) of a midpoint between codes may land on the farther code: ~0.2% of values with the
+  signed map. lorakit uses it for the nested absmax of double quantization, so a quantized base
+  is byte-identical to the one bitsandbytes writes on CPU; tests check that too.
 
 The 8-bit dynamic codebook (Dettmers, 2015, arXiv:1511.04561; used for optimizer state and for
 QLoRA's second-level quantization of the absmax constants) spends one sign bit, a unary exponent
@@ -18,11 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK = 1 << 22          # elements per chunk: bounds temporaries to a few x 16 MB whatever the tensor size
+GRID = 1 << 16           # points of the "grid" rounding over [-1, 1]
+ROUNDINGS = ("nearest", "grid")
 
 
 @lru_cache(maxsize=None)
@@ -75,11 +82,14 @@ def check(tensor: torch.Tensor, blocksize: int, allowed, what: str = "tensor") -
         raise ValueError(f"{what}: an empty tensor cannot be quantized")
 
 
-def absmax_codes(flat: torch.Tensor, blocksize: int, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nearest-code index per value as int64, fp32 absmax per block) for a 1-D tensor.
+def absmax_codes(flat: torch.Tensor, blocksize: int, lookup: Callable[[torch.Tensor], torch.Tensor],
+                 divide_tail: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(code index per value as int64, fp32 absmax per block) for a 1-D tensor.
 
-    `bounds` are the midpoints between consecutive codes; `bucketize` puts a value equal to a
-    midpoint into the lower bucket. Runs in chunks of whole blocks to bound temporary memory.
+    Full blocks are scaled by the fp32 reciprocal of their absmax; the short last block is divided
+    by it (bitsandbytes' torch kernels) unless `divide_tail` is False (its CPU library multiplies
+    there too, and keeps a zero absmax as zero). `lookup` maps scaled values in [-1, 1] to
+    indices. Runs in chunks of whole blocks to bound temporary memory.
     """
     n = flat.numel()
     blocks = -(-n // blocksize)
@@ -97,11 +107,16 @@ def absmax_codes(flat: torch.Tensor, blocksize: int, bounds: torch.Tensor) -> tu
             absmax[b0:b0 + am.numel()] = am
             pieces.append(torch.clamp(body * (1.0 / am.clamp(min=1e-38)).unsqueeze(1), -1, 1).view(-1))
         if full < part.numel():                            # the short last block
-            am = part[full:].abs().amax().clamp(min=1e-38)
+            am = part[full:].abs().amax()
+            if divide_tail:                                # ...and stores its absmax clamped, as they do
+                am = am.clamp(min=1e-38)
+                tail = part[full:] / am
+            else:
+                tail = part[full:] * (1.0 / am.clamp(min=1e-38))
             absmax[-1] = am
-            pieces.append(torch.clamp(part[full:] / am, -1, 1))
+            pieces.append(torch.clamp(tail, -1, 1))
         scaled = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        idx[start:start + part.numel()] = nearest(scaled, bounds)
+        idx[start:start + part.numel()] = lookup(scaled)
     return idx, absmax
 
 
@@ -136,13 +151,44 @@ def _bucket_table(key: bytes) -> torch.Tensor | None:
     return first.to(torch.int32)
 
 
+def grid_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """The "grid" rounding: each value takes the code stored at its point of a 65,536-point grid.
+
+    Point k is -1 + 2k/65535 and holds the number of code midpoints below it (its nearest code, a
+    tie to the lower one); value z goes to point trunc((z + 1) * 0.5 * 65535 + 0.5), in fp32.
+    """
+    table = _grid_table(code.cpu().numpy().tobytes()).to(scaled.device)
+    point = ((scaled.clamp(-1, 1) + 1.0) * 0.5 * (GRID - 1) + 0.5).to(torch.int32)
+    return torch.index_select(table, 0, point)
+
+
+@lru_cache(maxsize=16)
+def _grid_table(key: bytes) -> torch.Tensor:
+    code = torch.frombuffer(bytearray(key), dtype=torch.float32)
+    mids = (code[:-1] + code[1:]) * 0.5
+    points = -1.0 + (2.0 * torch.arange(GRID, dtype=torch.float32)) / (GRID - 1)
+    return torch.searchsorted(mids, points)                   # midpoints strictly below each point
+
+
 def quantize_blockwise(tensor: torch.Tensor, blocksize: int = 4096, code: torch.Tensor | None = None,
-                       allowed=(64, 128, 256, 512, 1024, 2048, 4096)) -> tuple[torch.Tensor, BlockState]:
-    """8-bit blockwise quantization: (uint8 codes shaped like `tensor`, BlockState)."""
+                       allowed=(64, 128, 256, 512, 1024, 2048, 4096),
+                       rounding: str = "nearest") -> tuple[torch.Tensor, BlockState]:
+    """8-bit blockwise quantization: (uint8 codes shaped like `tensor`, BlockState).
+
+    `rounding` is "nearest" or "grid" (bitsandbytes' CPU library; see the module docstring).
+    """
     check(tensor, blocksize, allowed)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r} is not one of {list(ROUNDINGS)}")
     code = dynamic_map() if code is None else code
     code = code.to(tensor.device)
-    idx, absmax = absmax_codes(tensor.reshape(-1), blocksize, (code[:-1] + code[1:]) / 2)
+    if rounding == "nearest":
+        bounds = (code[:-1] + code[1:]) / 2
+        idx, absmax = absmax_codes(tensor.reshape(-1), blocksize, lambda z: nearest(z, bounds))
+    else:
+        idx, absmax = absmax_codes(tensor.reshape(-1), blocksize, lambda z: grid_codes(z, code), divide_tail=False)
+        zero = (absmax == 0).repeat_interleave(blocksize)[:idx.numel()]
+        idx[zero] = 0                                      # an all-zero block stores code 0, as the CPU library does
     return idx.to(torch.uint8).view(tensor.shape), BlockState(absmax, code, blocksize, tensor.dtype)
 
 

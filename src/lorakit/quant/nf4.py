@@ -7,8 +7,10 @@ first value in the high nibble. The absmax vector costs 32/64 = 0.5 bit per weig
 quantization subtracts its mean and stores it blockwise (256) in 8 bits with the dynamic codebook,
 plus an fp32 scale per 256 blocks: 8/64 + 32/(64*256) = 0.127 bit. 4.127 bits per weight in all.
 
-The layout, codebooks and rounding (nearest code, a tie goes to the lower code) are bitsandbytes',
-so packed weights and constants move between the two libraries unchanged.
+The layout, codebooks and rounding are bitsandbytes': 4-bit codes are the nearest code (a tie goes
+to the lower one); the nested absmax codes are rounded as bitsandbytes' CPU library rounds them (the
+"grid" rounding of `blockwise`). A weight quantized here is byte-identical to one quantized by
+bitsandbytes on CPU, and packed weights and constants move between the two libraries unchanged.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockwise import BlockState, absmax_codes, check, dequantize_blockwise, quantize_blockwise
+from .blockwise import BlockState, absmax_codes, check, dequantize_blockwise, nearest, quantize_blockwise
 
 # The QLoRA paper's NF4 values (appendix E), as fp32: quantiles of N(0,1) at evenly spaced
 # probabilities from 1 - 0.9677083 to 0.9677083, each half scaled to reach +-1 (see `nf4_from_quantiles`).
@@ -86,7 +88,8 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise ValueError(f"{name}: {bad} non-finite values (NaN or inf) cannot be quantized to NF4")
-    idx, absmax = absmax_codes(tensor.reshape(-1), blocksize, _BOUNDS.to(tensor.device))
+    bounds = _BOUNDS.to(tensor.device)
+    idx, absmax = absmax_codes(tensor.reshape(-1), blocksize, lambda z: nearest(z, bounds))
     if idx.numel() % 2:                       # an odd count: pad with the code of 0.0
         idx = torch.cat([idx, idx.new_full((1,), 7)])
     idx = idx.to(torch.uint8)
@@ -94,7 +97,7 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     state = NF4State(absmax, blocksize, tensor.shape, tensor.dtype, NF4_CODE.to(tensor.device))
     if double_quant:
         offset = absmax.mean()
-        codes, nested = quantize_blockwise(absmax - offset, NESTED_BLOCKSIZE)
+        codes, nested = quantize_blockwise(absmax - offset, NESTED_BLOCKSIZE, rounding="grid")
         state.absmax, state.nested, state.offset = codes, nested, offset
     return packed, state
 
