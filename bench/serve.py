@@ -99,7 +99,8 @@ def e2e_lorakit(args) -> dict:
     from lorakit.serve.server import ServeConfig, build
 
     names = sorted(p.name for p in Path(args.dir).iterdir())
-    served = build(ServeConfig(model=args.model, adapters=args.dir, max_num_seqs=len(names), max_batch_tokens=1024))
+    served = build(ServeConfig(model=args.model, adapters=args.dir, max_num_seqs=len(names), max_batch_tokens=1024,
+                               device=args.device))
     for name in names:                             # read every adapter before timing (peft loads its up front too)
         served.adapters.prefetch(name).result()
 
@@ -132,6 +133,7 @@ def e2e_peft(args) -> dict:
 
     names = sorted(p.name for p in Path(args.dir).iterdir())
     base, tokenizer = lk.load_base(args.model)
+    base.to(args.device)
     model = peft.PeftModel.from_pretrained(base, Path(args.dir) / names[0], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(Path(args.dir) / name, adapter_name=name)
@@ -142,7 +144,8 @@ def e2e_peft(args) -> dict:
     def one(name, ids, n):
         model.set_adapter(name)
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = model.generate(input_ids=torch.tensor([ids], device=args.device),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=args.device),
                                  max_new_tokens=n, do_sample=False, pad_token_id=0)
         return out[0, len(ids):].tolist()
     one(names[0], prompts[0], 4)                                       # warm-up
@@ -162,7 +165,7 @@ def latency(args) -> dict:
 
     from lorakit.serve.server import ServeConfig, build
 
-    served = build(ServeConfig(model=args.model, adapters=args.dir, max_num_seqs=16))
+    served = build(ServeConfig(model=args.model, adapters=args.dir, max_num_seqs=16, device=args.device))
     names = served.adapters.names()
     rng = random.Random(0)
     plan = [(rng.choice(names), QUESTIONS[i % len(QUESTIONS)]) for i in range(args.requests)]
@@ -230,6 +233,7 @@ def main() -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides of every part)")
     p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     p.add_argument("--worker", choices=WORKERS)
     p.add_argument("--dir")
@@ -243,7 +247,8 @@ def main() -> None:
     parts, out = set(args.parts.split(",")), {"args": vars(args)}
     if "a" in parts:
         ops_json = HERE / "results" / "serve_ops.json"
-        cmd = [sys.executable, str(HERE / "serve_ops.py"), "--threads", str(args.threads), "--out", str(ops_json)]
+        cmd = [sys.executable, str(HERE / "serve_ops.py"), "--threads", str(args.threads), "--device", args.device,
+               "--out", str(ops_json)]
         print("(a) the batched op in the whole model (bench/serve_ops.py)\n", flush=True)
         subprocess.run(cmd, check=True)
         out["a"] = json.loads(ops_json.read_text())["ratios"]

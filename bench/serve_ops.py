@@ -6,7 +6,8 @@ every linear layer of the blocks, deterministic random weights):
 - lorakit: `lorakit.serve.attach` with 32 slots, row i on adapter i through the fast op;
 - peft:    32 adapters loaded in one PeftModel, `model(..., adapter_names=[...])` (its mixed batch).
 Two shapes: a decode step (32 rows x 1 token) and a prefill (32 rows x 32 tokens, logits for the
-last position only, as an engine asks). fp32, no KV cache, 2 threads; the figure is the fastest
+last position only, as an engine asks). fp32, no KV cache, 2 threads (or `--device cuda`, where
+the timed forwards end with a synchronize; TF32 is off so the logits stay fp32); the figure is the fastest
 timed forward after warm-up. The model is SmolLM2-135M (the embedded model; if it is not
 installed, a Llama of its shapes with random weights, and the output says so). The runs check each
 other: lorakit's logits against peft's (every row) and against the merged model's (row 0).
@@ -56,6 +57,9 @@ def worker(run: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     from lorakit.methods.base import linear_shape
     from lorakit.serve import AdapterWeights, LayerWeights, attach
     from lorakit.targets import resolve
@@ -94,20 +98,23 @@ def worker(run: str, args) -> dict:
                     layer.lora_B[f"a{j}"].weight.copy_(B)
         model.eval()
         kwargs["adapter_names"] = [f"a{j}" for j in range(n)]
+    model.to(device)                                   # slots are buffers: they move with the model
     setup_s = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(0)
-    out = {"run": run, "model": source, "setup_s": setup_s, "threads": torch.get_num_threads()}
+    out = {"run": run, "model": source, "setup_s": setup_s, "threads": torch.get_num_threads(), "device": str(device)}
     logits = {}
     for shape, tokens in SHAPES.items():
-        ids = torch.randint(0, model.config.vocab_size, (n, tokens), generator=g)
+        ids = torch.randint(0, model.config.vocab_size, (n, tokens), generator=g).to(device)
         times = []
         with torch.no_grad():
             for _ in range(args.warmup + args.steps):
+                sync()
                 t = time.perf_counter()
                 result = model(input_ids=ids, use_cache=False, logits_to_keep=1, **kwargs).logits[:, -1]
+                sync()
                 times.append(time.perf_counter() - t)
-        logits[shape] = result
+        logits[shape] = result.cpu()
         timed = times[args.warmup:]
         out[shape] = {"best_s": min(timed), "mean_s": sum(timed) / len(timed), "times_s": timed}
     torch.save(logits, args.logits_out)
@@ -123,6 +130,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default="bench/results/serve_ops.json")
     p.add_argument("--worker", choices=RUNS)
     p.add_argument("--logits-out")
@@ -153,7 +161,8 @@ def main() -> None:
               for shape in SHAPES}
 
     first = results["lorakit"]
-    print(f"{first['model']}, {args.adapters} adapters x 1 row, r={args.r}, all-linear, fp32, {first['threads']} threads, "
+    print(f"{first['model']}, {args.adapters} adapters x 1 row, r={args.r}, all-linear, fp32, {first['device']}, "
+          f"{first['threads']} threads, "
           f"no KV cache, best of {args.steps} forwards after {args.warmup} warm-up\n")
     print(f"| run | decode {args.adapters}x1 (ms) | prefill {args.adapters}x{SHAPES['prefill']} (ms) |")
     print("| --- | ---: | ---: |")

@@ -50,6 +50,16 @@ def embedded_gguf() -> Path:
     return found[0]
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA when there is one, else the CPU), "cpu", "cuda" or "cuda:N"."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available")
+    return device
+
+
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

@@ -239,3 +239,13 @@ def test_a_request_past_its_timeout_gets_504_and_is_aborted(root):
         assert served.engine.counts["finished_abort"] == 1 and served.engine.queue_depth == 0
         gate.set()
         assert httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_device_is_checked_before_anything_loads(root):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="device 'cuda': no CUDA device is available"):
+        build(ServeConfig(model="tiny-llama", adapters=str(root), device="cuda"))
+    served = build(ServeConfig(model="tiny-llama", adapters=str(root), device="auto"))
+    assert served.engine.runner.device.type == "cpu"
+    served.close()

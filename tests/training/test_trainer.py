@@ -164,7 +164,7 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, carrier):
 
 
 def test_device_must_exist():
-    from lorakit.training.run import resolve_device
+    from lorakit.models import resolve_device
     assert resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):

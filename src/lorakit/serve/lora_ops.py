@@ -55,10 +55,12 @@ class SlotWeights:
 
 
 def dora_factor(w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor) -> torch.Tensor:
-    """g = m / ||W0 + s B A||_c (d_out,) for W0 (d_out, d_in): the direct norm, as DoRA's merge uses."""
+    """g = m / ||W0 + s B A||_c (d_out,) for W0 (d_out, d_in): the direct norm, as DoRA's merge uses.
+    Computed where W0 is (a served base may be on a GPU), returned where A is."""
     with torch.no_grad():
-        w = w0.to(A.dtype) + scale * (B @ A)                       # (d_out, d_in)
-        return m.to(A.dtype) / torch.linalg.norm(w, dim=1)
+        dev = w0.device
+        w = w0.to(A.dtype) + scale * (B.to(dev) @ A.to(dev))      # (d_out, d_in)
+        return (m.to(dev, A.dtype) / torch.linalg.norm(w, dim=1)).to(A.device)
 
 
 def _finish(rows_out: torch.Tensor, dora: torch.Tensor | None, g: torch.Tensor | None, bias) -> torch.Tensor:

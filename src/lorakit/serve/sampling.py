@@ -82,6 +82,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     out = logits.argmax(-1).tolist()                   # greedy rows are done here, in one call
     for i, p in enumerate(params):
         if not p.greedy:
-            probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).exp()
+            # on the CPU: the request's generator is a CPU one, and the draw then does not depend on the device
+            probs = filter_logits(logits[i].cpu(), p.temperature, p.top_k, p.top_p).exp()
             out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
     return out

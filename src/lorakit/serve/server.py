@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.peft_format import CONFIG_NAME
-from ..models import EMBEDDED, load_base
+from ..models import EMBEDDED, load_base, resolve_device
 from .adapter_cache import AdapterCache
 from .engine import Engine
 from .forward import runner_for
@@ -36,6 +36,7 @@ class ServeConfig:
     targets: str = field(default="all-linear", metadata=_doc("layers that get adapter slots (preset, names or "
                                                              "pattern); adapters may target any subset"))
     dtype: str = field(default="float32", metadata=_doc("base weights: float32, bfloat16 or float16"))
+    device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
     max_lora_rank: int = field(default=None, metadata=_doc("largest adapter rank (default: the largest under "
                                                            "--adapters, at least 16)"))
     max_num_seqs: int = field(default=16, metadata=_doc("requests decoded together in one forward step"))
@@ -101,7 +102,9 @@ def build(config: ServeConfig) -> ServedModel:
     root = Path(config.adapters)
     if not root.is_dir():
         raise FileNotFoundError(f"--adapters {root}: not a folder (it should hold one subfolder per adapter)")
+    device = resolve_device(config.device)
     base, tokenizer = load_base(config.model, dtype=config.dtype)
+    base.to(device)                          # slots, KV caches and the runner follow the base's device
     if tokenizer is None:
         raise ValueError(f"{config.model}: the model folder has no tokenizer; the HTTP API needs one")
     folders = adapter_folders(root)

@@ -32,11 +32,11 @@ from ..evaluate.report import Thresholds
 from ..evaluate.task import TaskResult, task_eval
 from ..inject import disabled, trainable_report
 from ..io.atomic import write_text
-from ..models import load_base
+from ..models import load_base, resolve_device
 from ..training import checkpoint
 from ..training.data import read_rows
 from ..training.memory import PeakMemory, trim_heap
-from ..training.run import resolve_device, split_kwargs, train_model
+from ..training.run import split_kwargs, train_model
 from ..training.trainer import NonFiniteLoss
 from . import grid, report
 from .grid import run_id

@@ -18,7 +18,7 @@ import torch
 from ..config import FullConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..inject import inject, trainable_report
 from ..io.atomic import write_text
-from ..models import load_base
+from ..models import load_base, resolve_device
 from ..optim import state_bytes
 from ..quant import prepare_for_training, quantize
 from . import checkpoint, distributed
@@ -65,15 +65,6 @@ def train(**kwargs) -> dict:
     if tokenizer is None:
         raise ValueError(f"model {cfg.model!r} has no tokenizer; training needs one")
     return train_model(model, tokenizer, cfg, method_cfg, memory)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: no CUDA device is available")
-    return device
 
 
 def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemory | None = None,
