@@ -1,13 +1,14 @@
 """Serving on a GPU, checked against the CPU: the same requests through `build(ServeConfig(device=...))`.
 
-A tiny Llama with four adapters on disk (LoRA r=2, rsLoRA with some targets, DoRA, a rank pattern),
-eight greedy requests (two per adapter) plus one on the base, run to completion by the engine on the
-CPU and on `--device`. The greedy tokens must be equal and each first-step logit row within
+A tiny Llama with the serving tests' four adapters on disk (LoRA r=2, rsLoRA with some targets,
+DoRA, a rank pattern), eight greedy requests (two per adapter) plus one on the base, run to
+completion by the engine on the CPU and on `--device`. The greedy tokens must be equal and each first-step logit row within
 `--atol` (fp32, TF32 off). This exercises the whole stack off the CPU: adapters read from disk into
 device slots, the DoRA factor computed where the base is, the ragged forward, sampling.
 
-    PYTHONPATH=src python3 bench/gpu_check.py --device cuda          # then, for speed:
-    PYTHONPATH=src python3 bench/serve_ops.py --device cuda --threads 16
+    export PYTHONPATH=src LORAKIT_CACHE=/tmp/lorakit-cache
+    python3 bench/gpu_check.py --device cuda                 # then, for speed:
+    python3 bench/serve_ops.py --device cuda --threads 16
 Without the embedded model installed, serve_ops uses a random Llama with SmolLM2-135M's shapes.
 It runs on the CPU too (`--device cpu`: CPU against itself, for a dry run here).
 """
@@ -21,29 +22,15 @@ from pathlib import Path
 
 import torch
 
-ADAPTERS = {"lora2": dict(r=2, alpha=4, targets="all-linear"),
-            "lora4": dict(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], use_rslora=True),
-            "dora4": dict(r=4, alpha=4, targets="all-linear", use_dora=True),
-            "lora8": dict(r=8, alpha=8, targets="attention", rank_pattern={"k_proj": 3})}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # the repository root: the tests' adapters
+from tests.serve.conftest import ADAPTERS, make_adapter  # noqa: E402
+
+LLAMA_ADAPTERS = ADAPTERS["llama"]
 
 
 def make_adapters(root: Path) -> None:
-    import lorakit as lk
-    from lorakit.inject import adapter_layers
-    from lorakit.methods.dora import DoraAdapter
-
-    for i, (name, config) in enumerate(ADAPTERS.items()):
-        model = lk.tiny_model("llama")
-        lk.inject(model, lk.LoraConfig(**config))
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for _, layer in adapter_layers(model):
-                for a in layer.adapters.values():
-                    a.A.copy_(torch.randn(a.A.shape, generator=g) * 0.3)
-                    a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.3)
-                    if isinstance(a, DoraAdapter):
-                        a.m.mul_(1 + 0.3 * torch.randn(a.m.shape, generator=g))
-        lk.save_adapter(model, root / name)
+    for i, (name, config) in enumerate(LLAMA_ADAPTERS.items()):
+        make_adapter(root / name, "llama", config, seed=10 + i)
 
 
 def run(root: Path, device: str, tokens: int):
@@ -51,7 +38,7 @@ def run(root: Path, device: str, tokens: int):
     from lorakit.serve.forward import Chunk
 
     served = build(ServeConfig(model="tiny-llama", adapters=str(root), device=device, max_lora_rank=8))
-    names = [None] + [n for n in ADAPTERS for _ in range(2)]
+    names = [None] + [n for n in LLAMA_ADAPTERS for _ in range(2)]
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 200, (5 + i,), generator=g).tolist() for i in range(len(names))]
     first = []
