@@ -6,9 +6,9 @@ every linear layer of the blocks, deterministic random weights):
 - lorakit: `lorakit.serve.attach` with 32 slots, row i on adapter i through the fast op;
 - peft:    32 adapters loaded in one PeftModel, `model(..., adapter_names=[...])` (its mixed batch).
 Two shapes: a decode step (32 rows x 1 token) and a prefill (32 rows x 32 tokens, logits for the
-last position only, as an engine asks). fp32, no KV cache, 2 threads (or `--device cuda`, where
-the timed forwards end with a synchronize; TF32 is off so the logits stay fp32); the figure is the fastest
-timed forward after warm-up. The model is SmolLM2-135M (the embedded model; if it is not
+last position only, as an engine asks). fp32, no KV cache, 2 threads (or `--device cuda`: the
+timed forwards end with a synchronize, TF32 is off so the logits stay fp32); the figure is the
+fastest timed forward after warm-up. The model is SmolLM2-135M (the embedded model; if it is not
 installed, a Llama of its shapes with random weights, and the output says so). The runs check each
 other: lorakit's logits against peft's (every row) and against the merged model's (row 0).
 

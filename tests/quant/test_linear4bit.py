@@ -63,7 +63,6 @@ def test_files_move_both_ways_with_bitsandbytes():
     assert sorted(sd) == sorted(native.state_dict())             # the same keys...
     for key, value in native.state_dict().items():               # ...and the same bytes: one file, either library
         assert torch.equal(sd[key], value), key
-    assert torch.equal(sd["weight.quant_state.bitsandbytes__nf4"], native.state_dict()["weight.quant_state.bitsandbytes__nf4"])
 
 
 def test_missing_constants_are_named():
