@@ -7,7 +7,7 @@ import torch
 
 import lorakit as lk
 from lorakit.serve import AdapterCache, UnknownAdapter, attach
-from lorakit.serve.engine import Engine
+from lorakit.serve.engine import Engine, EngineUnavailable
 from lorakit.serve.forward import runner_for
 from lorakit.serve.sampling import BadParam, SamplingParams
 from lorakit.serve.scheduler import QueueFull
@@ -143,7 +143,7 @@ def test_abort_frees_the_row_and_the_slot(root):
 
 def test_bad_requests_are_refused_before_queueing(root):
     family, folder = root
-    engine = make_engine(family, folder, max_queue=2, max_model_len=32)
+    engine = make_engine(family, folder, max_queue=2, max_model_len=32, max_num_seqs=3)
     with pytest.raises(UnknownAdapter, match="no adapter named 'nope'"):
         engine.submit([1, 2], "nope")
     with pytest.raises(BadParam, match="the prompt has 40 tokens") as e:
@@ -157,11 +157,14 @@ def test_bad_requests_are_refused_before_queueing(root):
     with pytest.raises(BadParam) as e:
         SamplingParams(max_tokens=-1)
     assert e.value.param == "max_tokens"
-    engine.submit([1, 2])
-    engine.submit([1, 2])
-    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+    for _ in range(3 + 2):                 # 3 free rows, then 2 waiting for a row
+        engine.submit([1, 2])
+    with pytest.raises(QueueFull, match="2 requests are already waiting for a row"):
         engine.submit([1, 2])
     assert engine.counts["rejected_queue_full"] == 1
+    engine.step()                          # 3 rows taken: the queue bound now counts only the 2 left
+    with pytest.raises(QueueFull):
+        engine.submit([1, 2])
 
 
 def test_an_adapter_that_fails_to_load_fails_only_its_request(root):
@@ -195,3 +198,75 @@ def test_background_thread_serves_callbacks(root):
     finally:
         engine.stop()
     assert len(tokens) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=10, temperature=1e-40, ignore_eos=True),
+    SamplingParams(max_tokens=10, temperature=5e-324, ignore_eos=True),
+    SamplingParams(max_tokens=10, temperature=100, top_p=1e-300, ignore_eos=True, seed=3),
+    SamplingParams(max_tokens=10, temperature=1e-5, top_k=10**9, ignore_eos=True, seed=2**62),
+])
+def test_extreme_sampling_values_are_safe_and_tiny_temperatures_greedy(root, params):
+    family, folder = root
+    engine = make_engine(family, folder)
+    prompt = prompts(1)[0]
+    out = engine.generate([prompt, prompt], ["lora2", "lora2"], [params, GREEDY])
+    assert len(out[0]) == 10 and out[1] == merged_greedy(family, folder / "lora2", prompt, 10)
+    if params.temperature < 1e-5 or params.top_p < 1e-100:
+        assert out[0] == out[1]                     # below vLLM's epsilon, or only the top token kept: greedy
+
+
+def test_non_finite_logits_and_a_failing_forward_fail_only_their_request(root):
+    family, folder = root
+    engine = make_engine(family, folder)
+    forward = engine.runner.forward
+    poisoned = {}
+
+    def flaky(chunks):                                     # as a real forward: raise before any cache changes
+        if any(poisoned.get(id(c.cache)) == "raise" for c in chunks):
+            raise RuntimeError("this adapter's kernel failed")
+        logits = forward(chunks)
+        rows = torch.tensor([id(c.cache) in poisoned for c in chunks])[:, None]
+        return torch.where(rows, float("nan"), logits)
+    engine.runner.forward = flaky
+    events = []
+    ids = [engine.submit(p, a, GREEDY, events.append) for p, a in zip(prompts(4, seed=5), ["lora2", "dora4", None,
+                                                                                          "lora8"])]
+    for a in ("lora2", "dora4", "lora8"):                 # in RAM first: all four start together
+        engine.adapters.prefetch(a).result()
+    engine.step()                                          # admitted: poison the second and the fourth
+    seqs = {s.id: s for s in engine.scheduler.running}
+    poisoned[id(seqs[ids[1]].cache)] = "nan"
+    poisoned[id(seqs[ids[3]].cache)] = "raise"
+    while engine.has_work():
+        engine.step()
+    by = {i: [e for e in events if e.request_id == i] for i in ids}
+    for i in (ids[1], ids[3]):
+        assert by[i][-1].finish_reason == "error" and by[i][-1].error is not None
+    assert "non-finite logits" in str(by[ids[1]][-1].error) and "kernel failed" in str(by[ids[3]][-1].error)
+    for i, prompt, adapter in ((ids[0], prompts(4, seed=5)[0], "lora2"), (ids[2], prompts(4, seed=5)[2], None)):
+        tokens = [e.token for e in by[i] if e.token is not None]
+        assert tokens == merged_greedy(family, None if adapter is None else folder / adapter, prompt, 10)
+    assert engine.failure is None and engine.counts["finished_error"] == 2
+
+
+def test_a_broken_loop_marks_the_engine_failed_and_refuses_work(root):
+    family, folder = root
+    engine = make_engine(family, folder)
+    events, done = [], threading.Event()
+
+    def on(event):
+        events.append(event)
+        if event.finished:
+            done.set()
+    engine.scheduler.schedule = lambda new_cache: 1 / 0          # a bug in the loop itself
+    engine.start()
+    try:
+        engine.submit(prompts(1)[0], "lora2", GREEDY, on)
+        assert done.wait(30)
+        assert events[-1].finish_reason == "error" and "engine failed" in str(events[-1].error)
+        assert isinstance(engine.failure, ZeroDivisionError) and not engine.metrics()["healthy"]
+        with pytest.raises(EngineUnavailable, match="ZeroDivisionError"):
+            engine.submit([1, 2])
+    finally:
+        engine.stop()

@@ -147,6 +147,22 @@ def test_errors_leave_the_caches_alone(family):
     assert (a.length, b.length) == (64, 2)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_forward_that_fails_midway_changes_no_cache_and_can_be_retried(family):
+    model = build(family)
+    runner = runner_for(model)
+    seqs = sequences(1)
+    caches = [runner.new_cache() for _ in range(3)]
+    runner.forward([Chunk(caches[i], seqs[i][:4]) for i in range(3)])
+    want = runner.forward([Chunk(runner.new_cache(), seqs[i][:6]) for i in range(3)])
+    bad = torch.tensor([1, TINY_VOCAB + 7])                    # the embedding fails on the third chunk
+    with pytest.raises(IndexError):
+        runner.forward([Chunk(caches[0], seqs[0][4:6]), Chunk(caches[1], seqs[1][4:6]), Chunk(caches[2], bad)])
+    assert [c.length for c in caches] == [4, 4, 4]
+    got = runner.forward([Chunk(caches[i], seqs[i][4:6]) for i in range(3)])        # the retry sees clean caches
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_llama_family_configs_it_cannot_compute_go_to_hf():
     config = transformers.LlamaConfig(**SMALL, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                 "rope_theta": 10000.0})

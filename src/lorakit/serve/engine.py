@@ -5,6 +5,12 @@ forward, each sequence on its own adapter slot and KV cache), samples one token 
 has read its whole prompt, and reports each token as an `Event` to the request's callback.
 `start()` runs steps on a background thread while there is work; `submit` and `abort` may be called
 from any thread (they only touch an inbox the engine thread drains between steps).
+Fault isolation: whatever one request brings (its sampling parameters, a non-finite logit, an
+adapter that fails to load or to run), that request alone finishes with reason "error" and the
+exception; the others keep stepping. A forward that raises is retried chunk by chunk (forwards are
+all or nothing) so only the failing sequence goes. Only a failure of the loop itself stops the
+engine: then `failure` is set, every request finishes with an error, and `submit` raises
+EngineUnavailable (the API answers 503 and /health reports it).
 What this does not do: tokenize or detokenize, stop strings, HTTP (the API layer does), or choose
 which adapters are resident (the adapter cache does).
 """
@@ -33,12 +39,22 @@ log = logging.getLogger(__name__)
 SWITCH_INTERVAL = 0.0005
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take work: it failed (see `Engine.failure`) or is shutting down."""
+    status = 503
+
+
+class RequestFailed(RuntimeError):
+    """A request the server could not finish through no fault of its own parameters (status 500)."""
+    status = 500
+
+
 @dataclass
 class Event:
     request_id: str
     token: int | None                    # the token drawn this step (None when finishing without one)
     finish_reason: str | None = None     # "stop" (EOS / stop token), "length", "abort" or "error"
-    error: Exception | None = None
+    error: Exception | None = None       # why a request finished with "error" (or "abort" by the server)
 
     @property
     def finished(self) -> bool:
@@ -60,13 +76,19 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failure: BaseException | None = None   # set when the loop itself failed: no more work
         self.counts = Counter()        # requests, tokens, steps, finish reasons: read by /metrics
         self.last_batch = (0, 0)       # (sequences, tokens) of the latest step
 
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, prompt: list[int], adapter: str | None = None, params: SamplingParams | None = None,
                callback: Callable[[Event], None] | None = None) -> str:
-        """Queue a request; returns its id. Raises BadParam (400), UnknownAdapter (404), QueueFull (429)."""
+        """Queue a request; returns its id. Raises BadParam (400), UnknownAdapter (404), QueueFull (429),
+        EngineUnavailable (503). The queue bound counts requests waiting for a row: a request the
+        engine can admit now (a row is free) never gets QueueFull."""
+        if self.failure is not None or self._stopping:
+            raise EngineUnavailable("the engine is not running" + (f": it failed ({self.failure!r})"
+                                                                     if self.failure is not None else ""))
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -84,9 +106,12 @@ class Engine:
             raise UnknownAdapter(f"no adapter named {adapter!r} is registered")
         seq = Sequence(prompt, adapter, params, callback)
         with self._lock:
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.scheduler.max_queue:
+            free_rows = max(0, self.scheduler.max_num_seqs - len(self.scheduler.running))
+            if self.queue_depth >= self.scheduler.max_queue + free_rows:
                 self.counts["rejected_queue_full"] += 1
-                raise QueueFull(f"{self.scheduler.max_queue} requests are already waiting; retry later")
+                raise QueueFull(f"{self.scheduler.max_queue} requests are already waiting for a row "
+                                f"(max_queue = {self.scheduler.max_queue}, every one of the "
+                                f"{self.scheduler.max_num_seqs} rows taken); retry later")
             self._inbox.append(seq)
             self.counts["requests"] += 1
             self.counts["prompt_tokens"] += len(prompt)
@@ -94,7 +119,7 @@ class Engine:
         return seq.id
 
     def abort(self, request_id: str) -> None:
-        """Stop a request (client gone, timeout, stop string); it finishes with reason "abort"."""
+        """Stop a request (client gone, timeout, stop string); it finishes with reason "abort" within a step."""
         self._aborts.append(request_id)
         self._wake.set()
 
@@ -118,15 +143,12 @@ class Engine:
                 events.append(self._finish(seq, None, "abort"))
         batch, failed = self.scheduler.schedule(self.runner.new_cache)
         for seq, error in failed:
-            events.append(self._finish(seq, None, "error", error))
+            events.append(self._fail(seq, error))
         if not batch:
             return events
-        chunks = [Chunk(seq.cache, torch.tensor(tokens, dtype=torch.long), seq.slot) for seq, tokens in batch]
-        try:
-            logits = self.runner.forward(chunks)                   # (len(batch), vocab)
-        except Exception as e:                                     # one bad batch must not stop the server
-            log.exception("forward step failed; failing its %d requests", len(batch))
-            return events + [self._finish(seq, None, "error", e) for seq, _ in batch]
+        batch, logits = self._forward(batch, events)              # logits: (len(batch), vocab)
+        if not batch:
+            return events
         self.last_batch = (len(batch), sum(len(t) for _, t in batch))
         self.counts["steps"] += 1
         self.counts["batched_seqs"] += self.last_batch[0]
@@ -142,8 +164,34 @@ class Engine:
             seqs = [batch[row][0] for row in ready]
             drawn = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
             for seq, token in zip(seqs, drawn):
-                events.append(self._emit(seq, token))
+                events.append(self._fail(seq, token) if isinstance(token, Exception) else self._emit(seq, token))
         return events
+
+    def _forward(self, batch: list, events: list) -> tuple[list, torch.Tensor | None]:
+        """Run the batch; when it raises, each chunk alone (forwards are all or nothing), failing only the
+        sequences whose chunk fails by itself. Returns the batch that ran and its logits."""
+        def chunk(seq, tokens):
+            return Chunk(seq.cache, torch.tensor(tokens, dtype=torch.long), seq.slot)
+        try:
+            return batch, self.runner.forward([chunk(s, t) for s, t in batch])
+        except Exception as e:
+            if len(batch) == 1:
+                events.append(self._fail(batch[0][0], e))
+                return [], None
+            log.warning("a forward step of %d sequences failed (%r); retrying them one by one", len(batch), e)
+        kept, rows = [], []
+        for seq, tokens in batch:
+            try:
+                rows.append(self.runner.forward([chunk(seq, tokens)]))
+                kept.append((seq, tokens))
+            except Exception as e:
+                events.append(self._fail(seq, e))
+        return kept, (torch.cat(rows) if rows else None)
+
+    def _fail(self, seq: Sequence, error: Exception) -> Event:
+        where = f"adapter {seq.adapter!r}" if seq.adapter else "the base model"
+        log.error("request %s (%s) failed: %r", seq.id, where, error)
+        return self._finish(seq, None, "error", error)
 
     def _emit(self, seq: Sequence, token: int) -> Event:
         seq.output.append(token)
@@ -249,16 +297,24 @@ class Engine:
                 if not self.scheduler.running and self.scheduler.waiting and not ran:
                     self._wake.wait(0.002)                           # only adapter loads to wait for
                     self._wake.clear()
+        except BaseException as e:      # the loop itself broke: say so everywhere, take no new work
+            self.failure = e
+            log.critical("the serving engine stopped: %r; in-flight requests fail, new ones get 503", e,
+                         exc_info=True)
+            raise
         finally:                                                     # on the engine's own thread
             with self._lock:
                 while self._inbox:
                     self.scheduler.add(self._inbox.popleft())
-            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-                self._finish(seq, None, "abort")
+                pending = [*self.scheduler.running, *self.scheduler.waiting]
+            why = (RequestFailed(f"the serving engine failed: {self.failure!r}") if self.failure is not None
+                   else EngineUnavailable("the server is shutting down"))
+            for seq in pending:
+                self._finish(seq, None, "error" if self.failure is not None else "abort", why)
 
     def metrics(self) -> dict:
         running = list(self.scheduler.running)
-        return {**self.counts, "queue_depth": self.queue_depth, "running": len(running),
+        return {**self.counts, "queue_depth": self.queue_depth, "healthy": self.failure is None, "running": len(running),
                 "batch_seqs": self.last_batch[0], "batch_tokens": self.last_batch[1],
                 "kv_cache_bytes": sum(s.cache.nbytes for s in running if s.cache is not None),
                 "max_num_seqs": self.scheduler.max_num_seqs, "max_model_len": self.max_model_len}

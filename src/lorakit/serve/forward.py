@@ -66,7 +66,9 @@ class Runner:
         raise NotImplementedError
 
     def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        """fp32 logits (len(chunks), vocab) of each chunk's last token; the caches grow by its tokens."""
+        """fp32 logits (len(chunks), vocab) of each chunk's last token; the caches grow by its tokens.
+        All or nothing: a forward that raises leaves every cache as it was, so the engine can retry
+        each chunk alone to find the one that fails."""
         raise NotImplementedError
 
     def _check(self, chunks: Sequence[Chunk]) -> None:
@@ -249,6 +251,15 @@ class HFCache(SeqCache):
         from transformers import DynamicCache
         self.cache, self.length = DynamicCache(config=config), 0
 
+    def truncate(self, length: int) -> None:
+        """Back to the first `length` tokens in every layer (the layers a failed forward reached hold more)."""
+        for layer in self.cache.layers:
+            for attr in ("keys", "values"):
+                t = getattr(layer, attr, None)
+                if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-2] > length:
+                    setattr(layer, attr, t[..., :length, :])              # (batch, heads, length, head_dim)
+        self.length = length
+
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for layer in self.cache.layers for t in (getattr(layer, "keys", None),
@@ -272,7 +283,7 @@ class HFRunner(Runner):
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         self._check(chunks)
-        out = []
+        out, starts = [], [c.cache.length for c in chunks]
         try:
             for c in chunks:
                 self._set_rows([c.slot])
@@ -282,6 +293,10 @@ class HFRunner(Runner):
                 logits = self.model(input_ids=c.tokens[None].to(self.device), **kw).logits    # (1, n | 1, vocab)
                 out.append(logits[0, -1].float())
                 c.cache.length += c.tokens.numel()
+        except BaseException:
+            for c, start in zip(chunks, starts):      # all or nothing, as LlamaRunner: the engine may retry
+                c.cache.truncate(start)
+            raise
         finally:
             if self.handle is not None:
                 self.handle.set_rows(None)

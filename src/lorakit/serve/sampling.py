@@ -2,6 +2,9 @@
 
 A request's generator is its own (seeded from `seed`, or from the OS when none is given), so the
 tokens it draws do not depend on which other requests share its batch.
+Numerically safe for every value `SamplingParams` admits: a temperature below `GREEDY_EPS` is greedy
+(vLLM's rule: dividing logits by 1e-40 overflows to inf and the softmax to NaN), filtering runs in
+float64, and a row whose logits are not finite fails alone (`NonFiniteLogits`), never the batch.
 What this does not do: stop strings (text is the HTTP layer's business; the engine sees token ids)
 or penalties (repetition, presence, frequency) and logprobs, which lorakit does not offer yet.
 """
@@ -12,6 +15,9 @@ import secrets
 from dataclasses import dataclass
 
 import torch
+
+
+GREEDY_EPS = 1e-5          # temperatures below this sample greedily, as vLLM's _SAMPLING_EPS
 
 
 class BadParam(ValueError):
@@ -47,7 +53,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_EPS or self.top_k == 1
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
@@ -57,14 +63,19 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
+class NonFiniteLogits(ArithmeticError):
+    """The model produced NaN or inf logits for one request (a diverged adapter, an overflow)."""
+
+
 def generator_for(params: SamplingParams) -> torch.Generator:
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     return torch.Generator().manual_seed(seed % (1 << 63))
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """(V,) logits -> (V,) log-probabilities with everything outside top-k / top-p set to -inf."""
-    logits = logits.float() / temperature
+    """(V,) logits -> (V,) float64 log-probabilities with everything outside top-k / top-p set to -inf.
+    float64: finite fp32 logits over a temperature >= GREEDY_EPS cannot overflow (3.4e38 / 1e-5 < 1.8e308)."""
+    logits = logits.double() / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -73,16 +84,25 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
         drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[0] = False
         logits = logits.index_fill(0, order[drop], float("-inf"))
     return logits.log_softmax(-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One next token per row of `logits` (B, V), row i drawn with params[i] and generators[i]."""
-    out = logits.argmax(-1).tolist()                   # greedy rows are done here, in one call
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator]) -> list[int | Exception]:
+    """One next token per row of `logits` (B, V), row i drawn with params[i] and generators[i]; a row that
+    cannot be sampled gets its exception instead of a token (the others are unaffected)."""
+    finite = torch.isfinite(logits).all(-1).tolist()   # (B,)
+    out: list[int | Exception] = logits.argmax(-1).tolist()   # greedy rows are done here, in one call
     for i, p in enumerate(params):
-        if not p.greedy:
-            # on the CPU: the request's generator is a CPU one, and the draw then does not depend on the device
-            probs = filter_logits(logits[i].cpu(), p.temperature, p.top_k, p.top_p).exp()
-            out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+        if not finite[i]:
+            out[i] = NonFiniteLogits("the model produced non-finite logits (NaN or inf) for this request")
+        elif not p.greedy:
+            try:
+                # on the CPU: the request's generator is a CPU one, and the draw then does not depend on the device
+                probs = filter_logits(logits[i].cpu(), p.temperature, p.top_k, p.top_p).exp()
+                out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+            except Exception as e:                     # a bug here must not take the batch with it
+                out[i] = e
     return out

@@ -74,8 +74,8 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue = {self.max_queue}); retry later")
+        """Queue a sequence. The bound (`max_queue` waiting for a row) is the engine's to enforce at submit;
+        here a sequence is never refused (it is already accepted)."""
         if seq.adapter is not None and self.adapters is not None:
             seq.load = self.adapters.prefetch(seq.adapter)     # reading from disk starts now, off this thread
         self.waiting.append(seq)
