@@ -183,6 +183,7 @@ def test_a_bad_adapter_fails_alone(root, case):
         with pytest.raises(AdapterLoadError, match=message) as err:
             cache.register("bad", "bad")
         assert str(err.value).startswith("adapter 'bad' (bad) could not be loaded: ")
+        assert str(root) not in str(err.value) and err.value.status == 500          # the server's fault
         assert "bad" not in cache and cache.names() == ["good"]
         after = cache.metrics()
         assert after["load_errors"] == before["load_errors"] + 1
@@ -204,12 +205,15 @@ def test_paths_stay_inside_the_root(root, served, tmp_path):
     shutil.copy(root / "lora2" / "adapter_model.safetensors", root / "half")
     with AdapterCache(handle, root) as cache:
         cases = {"../outside": "contains '..'", "lora2/../../outside": "contains '..'",
-                 str(outside): "is outside the adapter root", "escape": "leaves the adapter root .* through a symlink",
+                 str(outside): "is outside the adapter root", "escape": "leaves the adapter root through a symlink",
                  "half": "adapter_config.json leaves the adapter root", "nowhere": "no such folder",
-                 "lora2/adapter_config.json": "is not a folder", "": "non-empty string"}
+                 "lora2/adapter_config.json": "is not a folder", "": "non-empty string",
+                 "lora2\x00x": "contains a NUL character", "a" * 5000: "longer than 4096 bytes",
+                 "a" * 300 + "/b": "a part longer than 255", "lora\udc802": "not valid UTF-8"}
         for i, (path, message) in enumerate(cases.items()):
-            with pytest.raises(AdapterPathError, match=message):
+            with pytest.raises(AdapterPathError, match=message) as err:
                 cache.register(f"x{i}", path)
+            assert str(root) not in str(err.value) and len(str(err.value)) < 300      # no server paths, bounded
         assert cache.names() == []
         cache.register("alias", "alias")
         assert cache.metrics()["cpu_adapters"] == 1

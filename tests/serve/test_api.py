@@ -169,7 +169,7 @@ def test_load_and_unload_adapters_while_serving(server, client, root):
 def test_health_and_prometheus_metrics(server, client):
     url, _ = server
     client.completions.create(model="lora2", prompt="metrics", max_tokens=2)
-    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/health").json() == {"status": "ok", "skipped_adapters": []}
     text = httpx.get(url + "/metrics").text
     for name in ("lorakit_requests_total", "lorakit_generation_tokens_total", "lorakit_queue_depth",
                  "lorakit_batch_sequences_count", "lorakit_adapter_device_hits_total", "lorakit_adapter_cpu_misses_total",
@@ -205,24 +205,24 @@ def test_api_keys_scope_tenants(root):
 
 
 def test_a_full_queue_answers_429_with_retry_after(root):
-    served = build(ServeConfig(model="tiny-llama", adapters=str(root), max_lora_rank=8, max_queue=2))
+    served = build(ServeConfig(model="tiny-llama", adapters=str(root), max_lora_rank=8, max_num_seqs=2, max_queue=2))
     gate = threading.Event()
     read = served.adapters._loader
     served.adapters._loader = lambda name, path: (gate.wait(30), read(name, path))[1]     # loads hang
     with serve_in_background(create_app(served)) as url:
-        async def three():
+        async def five():
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
                 body = {"model": "lora8", "prompt": "hi", "max_tokens": 2}
-                waiting = [asyncio.create_task(c.post("/v1/completions", json=body)) for _ in range(2)]
-                while served.engine.queue_depth < 2:
+                waiting = [asyncio.create_task(c.post("/v1/completions", json=body)) for _ in range(4)]
+                while served.engine.queue_depth < 4:          # 2 rows (free) + 2 waiting for a row
                     await asyncio.sleep(0.01)
-                third = await c.post("/v1/completions", json=body)
+                fifth = await c.post("/v1/completions", json=body)
                 gate.set()
-                return third, await asyncio.gather(*waiting)
-        third, first_two = asyncio.run(three())
-    assert third.status_code == 429 and third.headers["retry-after"] == "1"
-    assert third.json()["error"]["type"] == "rate_limit_error"
-    assert [r.status_code for r in first_two] == [200, 200]
+                return fifth, await asyncio.gather(*waiting)
+        fifth, first_four = asyncio.run(five())
+    assert fifth.status_code == 429 and fifth.headers["retry-after"] == "1"
+    assert fifth.json()["error"]["type"] == "rate_limit_error"
+    assert [r.status_code for r in first_four] == [200] * 4
 
 
 def test_a_request_past_its_timeout_gets_504_and_is_aborted(root):

@@ -21,20 +21,33 @@ def register(p):
 
 def run(args) -> int:
     import signal
+    import sys
+    import threading
 
     from ..serve.api import create_app, read_api_keys, serve_in_background
     from ..serve.server import build
 
     keys = read_api_keys(args.api_keys) if args.api_keys else None
     served = build(config_from_args(ServeConfig, args))
-    signal.signal(signal.SIGTERM, lambda *_: served.engine.stop())
+    stopped = threading.Event()
+
+    def stop(*_):
+        stopped.set()
+        served.engine.stop()
+    signal.signal(signal.SIGTERM, stop)
     # the HTTP server on a background thread, the engine on this one (see Engine.run)
     with serve_in_background(create_app(served, keys, start_engine=False), args.host, args.port) as url:
-        print(f"lorakit serve: {served.name} with {len(served.adapters.names())} adapters on {url}/v1 "
+        skipped = f", {len(served.skipped)} skipped (see the warnings above)" if served.skipped else ""
+        print(f"lorakit serve: {served.name} with {len(served.adapters.names())} adapters{skipped} on {url}/v1 "
               "(Ctrl-C stops)", flush=True)
         try:
             served.engine.run()
+            if served.engine.failure is not None:        # stay up to say so: /health answers 503, requests 503
+                print(f"lorakit serve: the engine failed ({served.engine.failure!r}); /health reports it until "
+                      "the server is stopped", file=sys.stderr, flush=True)
+                while not stopped.wait(1):
+                    pass
         except KeyboardInterrupt:
             pass
     served.close()
-    return 0
+    return 1 if served.engine.failure is not None else 0

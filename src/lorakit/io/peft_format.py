@@ -203,13 +203,17 @@ def config_from_peft(raw: dict, source: str | Path = CONFIG_NAME) -> LoraConfig:
         raise AdapterFormatError(f"{source}: {e}") from None
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; `lazy`: meta tensors of the right shapes, read from the header
+    only (to check a folder against a model without reading its weights)."""
     if not path.is_file():
         pickled = [p.name for p in path.parent.glob("*.bin")] + [p.name for p in path.parent.glob("*.pt")]
         hint = f" (found {pickled}: lorakit reads only safetensors, never pickles)" if pickled else ""
         raise FileNotFoundError(f"{path} is missing{hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
+            if lazy:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for truncated or garbled files
         raise AdapterFormatError(f"{path} is not a readable safetensors file: {e}") from None
@@ -244,14 +248,15 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     return model
 
 
-def check_adapter(model: nn.Module, directory: str | Path):
+def check_adapter(model: nn.Module, directory: str | Path, lazy: bool = False):
     """Read a PEFT LoRA folder and check it against `model`, changing nothing: (LoraConfig, target module
     names, modules_to_save names, tensors keyed "<module>.lora_A" / ".lora_B" / ".lora_magnitude_vector"
-    / "<saved module>.<key>"). Every problem raises AdapterFormatError naming the file and the tensors."""
+    / "<saved module>.<key>"). Every problem raises AdapterFormatError naming the file and the tensors.
+    `lazy`: the tensors are meta tensors from the file's header (names and shapes checked, nothing read)."""
     raw, config_path = read_config(directory)
     cfg = config_from_peft(raw, config_path)
     weights_path = Path(directory) / WEIGHTS_NAME
-    tensors = read_tensors(weights_path)
+    tensors = read_tensors(weights_path, lazy)
 
     theirs, ours = raw.get("base_model_name_or_path"), base_model_name(model)
     if theirs and ours and Path(str(theirs)).name != Path(str(ours)).name:

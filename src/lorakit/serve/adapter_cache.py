@@ -11,12 +11,17 @@
 Counters (hits, misses, evictions per tier, resident bytes) come out of `metrics()` as a flat dict.
 A slot is written only while no request pins it, and a forward reads only its rows' slots (or
 multiplies a spanned, unused one by zero rows), so `acquire` may run beside a forward.
+Messages name adapters and paths relative to the root, never the server's filesystem: the full
+story of a failed read goes to the server log. A failed read is `AdapterLoadError` (status 500: the
+file on the server is at fault, not the request that asked for it).
 What this does not do: decide which requests run (the scheduler) or speak HTTP (the API); each
 error carries a `status` the API can answer with.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -29,7 +34,10 @@ from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from .slots import ServeHandle
 from .weights import AdapterWeights
 
+log = logging.getLogger(__name__)
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+MAX_PATH_BYTES, MAX_PART_BYTES = 4096, 255        # PATH_MAX and NAME_MAX on Linux
 
 
 class AdapterError(Exception):
@@ -49,7 +57,7 @@ class AdapterPathError(AdapterError):
 
 
 class AdapterLoadError(AdapterError):
-    status = 400
+    status = 500
 
 
 class NoFreeSlot(AdapterError):
@@ -60,25 +68,39 @@ def confine(root: Path, lora_path) -> Path:
     """The real folder `lora_path` names (relative to `root`, or absolute), if it lies inside `root`."""
     if not isinstance(lora_path, (str, Path)) or not str(lora_path).strip():
         raise AdapterPathError("lora_path must be a non-empty string")
+    shown = _short(str(lora_path))
+    try:
+        raw = str(lora_path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdapterPathError(f"lora_path {shown}: not valid UTF-8 (it cannot name a folder here)") from None
+    if b"\x00" in raw:
+        raise AdapterPathError(f"lora_path {shown}: contains a NUL character")
+    if len(raw) > MAX_PATH_BYTES or any(len(part.encode()) > MAX_PART_BYTES for part in Path(lora_path).parts):
+        raise AdapterPathError(f"lora_path {shown}: longer than {MAX_PATH_BYTES} bytes, or a part longer than "
+                               f"{MAX_PART_BYTES}")
     p = Path(lora_path)
     if ".." in p.parts:
-        raise AdapterPathError(f"lora_path {str(lora_path)!r} contains '..'; adapter paths must stay inside the "
-                               "adapter root")
+        raise AdapterPathError(f"lora_path {shown} contains '..'; adapter paths must stay inside the adapter root")
     root_real = root.resolve()
     if p.is_absolute() and not (p.is_relative_to(root) or p.is_relative_to(root_real)):
-        raise AdapterPathError(f"lora_path {str(lora_path)!r} is outside the adapter root {root}")
+        raise AdapterPathError(f"lora_path {shown} is outside the adapter root")
     try:
         real = (p if p.is_absolute() else root / p).resolve(strict=True)
-    except (FileNotFoundError, RuntimeError):       # RuntimeError: a symlink loop
-        raise AdapterPathError(f"lora_path {str(lora_path)!r}: no such folder in the adapter root {root}") from None
+    except (OSError, RuntimeError, ValueError):       # missing, too long, a symlink loop
+        raise AdapterPathError(f"lora_path {shown}: no such folder in the adapter root") from None
     if not real.is_relative_to(root_real):
-        raise AdapterPathError(f"lora_path {str(lora_path)!r} leaves the adapter root {root} through a symlink")
+        raise AdapterPathError(f"lora_path {shown} leaves the adapter root through a symlink")
     if not real.is_dir():
-        raise AdapterPathError(f"lora_path {str(lora_path)!r} is not a folder")
+        raise AdapterPathError(f"lora_path {shown} is not a folder")
     for f in (CONFIG_NAME, WEIGHTS_NAME):       # the files themselves may be symlinks too
         if (real / f).exists() and not (real / f).resolve().is_relative_to(root_real):
-            raise AdapterPathError(f"lora_path {str(lora_path)!r}: {f} leaves the adapter root {root} through a symlink")
+            raise AdapterPathError(f"lora_path {shown}: {f} leaves the adapter root through a symlink")
     return real
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A client's string for a message: repr'd (NULs and surrogates visible), cut to `limit`."""
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 @dataclass
@@ -120,13 +142,20 @@ class AdapterCache:
                                       "device_evictions", "loads", "load_errors"), 0)
 
     # -- registry -----------------------------------------------------------------------------
-    def register(self, name: str, lora_path, load: bool = True) -> None:
+    def register(self, name: str, lora_path, load: bool = True, check: bool = False) -> None:
         """Register `name` -> `lora_path` (inside the adapter root). With `load`, read it now and roll
-        the registration back if it fails (the API's POST /v1/load_lora_adapter)."""
+        the registration back if it fails (the API's POST /v1/load_lora_adapter); with `check`, check
+        its config and tensor header against the served model first (start-up: no weights read)."""
         if not isinstance(name, str) or not _NAME.match(name) or name in self.reserved:
-            raise AdapterError(f"lora_name {name!r}: use 1-128 letters, digits, '.', '_' or '-'"
+            raise AdapterError(f"lora_name {_short(str(name))}: use 1-128 letters, digits, '.', '_' or '-'"
                                + (f", and not {sorted(self.reserved)}" if self.reserved else ""))
         path = confine(self.root, lora_path)
+        if check:
+            try:
+                self.handle.check(path)
+            except Exception as e:
+                raise AdapterLoadError(f"adapter {name!r} ({self._relative(lora_path)}): "
+                                       f"{self.redact(str(e) or type(e).__name__)}") from e
         with self._lock:
             if name in self._registry:
                 raise AdapterExists(f"adapter {name!r} is already registered; unload it first")
@@ -198,8 +227,10 @@ class AdapterCache:
                 self._counts["load_errors"] += 1
                 if self._loading.get(name, (None,))[0] == entry.gen:
                     del self._loading[name]
-            problem = str(e) or type(e).__name__
-            raise AdapterLoadError(f"adapter {name!r} ({entry.given}) could not be loaded: {problem}") from e
+            log.error("adapter %r (%s) could not be loaded: %s", name, entry.path, e)
+            problem = self.redact(str(e) or type(e).__name__)
+            raise AdapterLoadError(f"adapter {name!r} ({self._relative(entry.given)}) could not be loaded: "
+                                   f"{problem}") from e
         with self._lock:
             self._counts["loads"] += 1
             if self._loading.get(name, (None,))[0] == entry.gen:
@@ -293,6 +324,15 @@ class AdapterCache:
         return k
 
     # -- bookkeeping --------------------------------------------------------------------------
+    def redact(self, message: str) -> str:
+        """`message` with the adapter root's location on this server cut out (paths become relative)."""
+        for root in sorted({str(self.root.resolve()), str(self.root)}, key=len, reverse=True):
+            message = message.replace(root + os.sep, "").replace(root, ".")
+        return message
+
+    def _relative(self, given) -> str:
+        return self.redact(str(given))
+
     def _entry(self, name: str) -> _Entry:
         entry = self._registry.get(name)
         if entry is None:

@@ -301,7 +301,6 @@ class Engine:
             self.failure = e
             log.critical("the serving engine stopped: %r; in-flight requests fail, new ones get 503", e,
                          exc_info=True)
-            raise
         finally:                                                     # on the engine's own thread
             with self._lock:
                 while self._inbox:

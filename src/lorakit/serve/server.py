@@ -2,8 +2,11 @@
 tokenizer, built from a model reference and an adapter folder.
 
 Every direct subfolder of the adapter root that holds an adapter_config.json is registered under its
-folder name; registering reads only the names (adapters are read from disk when first requested, so
-a thousand registered adapters cost a thousand names, not a thousand loads).
+folder name; registering reads only its config and the header of its tensor file (weights are read
+from disk when first requested, so a thousand registered adapters cost a thousand headers, not a
+thousand loads). A folder that cannot be registered (it leaves the root, is corrupt, or does not fit
+the base) is skipped with one warning naming it and why, and listed in `ServedModel.skipped`;
+`strict` stops the start-up instead.
 What this does not do: speak HTTP (api.py) or parse command lines (cli/serve.py).
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from ..io.peft_format import CONFIG_NAME
 from ..models import EMBEDDED, load_base, resolve_device
-from .adapter_cache import AdapterCache
+from .adapter_cache import AdapterCache, AdapterError, confine
 from .engine import Engine
 from .forward import runner_for
 from .slots import attach
@@ -52,9 +55,13 @@ class ServeConfig:
     request_timeout: float = field(default=600.0, metadata=_doc("seconds a request may take"))
     served_model_name: str = field(default=None, metadata=_doc("the base model's name in the API (\"base\" "
                                                                "works too)"))
+    max_request_bytes: int = field(default=1 << 20, metadata=_doc("largest request body in bytes (larger: 413)"))
+    strict: bool = field(default=False, metadata=_doc("stop at start-up on an adapter folder that cannot be "
+                                                      "registered (default: skip it with a warning)"))
 
     def __post_init__(self):
-        for key in ("max_num_seqs", "max_batch_tokens", "max_queue", "max_cpu_adapters", "max_tokens"):
+        for key in ("max_num_seqs", "max_batch_tokens", "max_queue", "max_cpu_adapters", "max_tokens",
+                    "max_request_bytes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} = {getattr(self, key)} must be >= 1")
         if self.request_timeout <= 0:
@@ -68,9 +75,10 @@ class ServedModel:
     adapters: AdapterCache
     tokenizer: object
     config: ServeConfig
+    skipped: dict[str, str] = field(default_factory=dict)   # adapter folders not registered at start-up -> why
 
     def resolve(self, model: str) -> str | None:
-        """A request's `model` field -> adapter name (None: the base). Unknown names raise UnknownAdapter."""
+        """A request's `model` field -> adapter name (None: the base); whether it exists is the caller's check."""
         return None if model in (self.name, "base") else model
 
     def close(self) -> None:
@@ -107,13 +115,22 @@ def build(config: ServeConfig) -> ServedModel:
     base.to(device)                          # slots, KV caches and the runner follow the base's device
     if tokenizer is None:
         raise ValueError(f"{config.model}: the model folder has no tokenizer; the HTTP API needs one")
-    folders = adapter_folders(root)
+    skipped: dict[str, str] = {}
+    folders = {}
+    for adapter, folder in adapter_folders(root).items():
+        try:
+            folders[adapter] = confine(root.absolute(), folder.name)     # read nothing that leaves the root
+        except AdapterError as e:
+            _skip(config, skipped, adapter, e)
     r_max = config.max_lora_rank or max(max_rank(folders.values()), 16)
     slots = config.max_active_adapters or config.max_num_seqs
     handle = attach(base, config.targets, slots=slots, r_max=r_max)
     cache = AdapterCache(handle, root, max_cpu_adapters=config.max_cpu_adapters, max_active_adapters=slots)
     for adapter, folder in folders.items():
-        cache.register(adapter, folder.name, load=False)
+        try:
+            cache.register(adapter, folder.name, load=False, check=True)
+        except AdapterError as e:
+            _skip(config, skipped, adapter, e)
     eos_ids = set()
     for eos in (tokenizer.eos_token_id, getattr(getattr(base, "generation_config", None), "eos_token_id", None)):
         eos_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -121,5 +138,13 @@ def build(config: ServeConfig) -> ServedModel:
                     max_batch_tokens=config.max_batch_tokens, max_queue=config.max_queue,
                     max_model_len=config.max_model_len, vocab_size=base.get_input_embeddings().num_embeddings)
     name = config.served_model_name or Path(str(base.config._name_or_path or config.model)).name
-    log.info("serving %s with %d adapters (r_max %d, %d slots)", name, len(folders), r_max, slots)
-    return ServedModel(name, engine, cache, tokenizer, config)
+    log.info("serving %s with %d adapters (r_max %d, %d slots)", name, len(cache.names()), r_max, slots)
+    return ServedModel(name, engine, cache, tokenizer, config, skipped)
+
+
+def _skip(config: ServeConfig, skipped: dict, adapter: str, error: Exception) -> None:
+    if config.strict:
+        raise ValueError(f"--adapters {config.adapters}: adapter folder {adapter!r} cannot be served: {error} "
+                         "(--strict)") from error
+    skipped[adapter] = str(error)
+    log.warning("skipping adapter folder %r: %s", adapter, error)

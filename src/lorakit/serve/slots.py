@@ -19,7 +19,7 @@ from ..inject import replace_module
 from ..methods.base import LINEAR_TYPES, AdapterLayer, linear_shape
 from ..targets import linear_names, resolve
 from .lora_ops import SlotWeights, lora_grouped, lora_reference, plan_rows
-from .weights import AdapterWeights, LayerWeights, Shadow, read_adapter
+from .weights import AdapterWeights, LayerWeights, Shadow, check_served, read_adapter
 
 
 class Router:
@@ -195,6 +195,10 @@ class ServeHandle:
     def read(self, folder: str | Path, name: str = "adapter") -> AdapterWeights:
         """A PEFT folder as CPU weights for this model (lorakit's loader, checks and messages)."""
         return read_adapter(folder, self.shadow(), self.served, self.r_max, name)
+
+    def check(self, folder: str | Path) -> None:
+        """Raise what `read` would for the folder's config, names and shapes, reading only headers."""
+        check_served(folder, self.shadow(), self.served, self.r_max, lazy=True)
 
     def detach(self) -> nn.Module:
         """Put the plain base layers back; the slots are dropped."""

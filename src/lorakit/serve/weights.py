@@ -104,14 +104,7 @@ def read_adapter(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int
     `served`: module name -> (d_in, d_out) of the layers that have slots. Raises AdapterFormatError
     (or FileNotFoundError) with the folder's problem; the caller adds the adapter's name.
     """
-    raw, config_path = read_config(folder)
-    if raw.get("peft_type") != "LORA":
-        raise AdapterFormatError(f"{config_path}: peft_type {raw.get('peft_type')!r} cannot be served per row "
-                                 "(the server batches LoRA and DoRA adapters)")
-    if raw.get("modules_to_save"):
-        raise AdapterFormatError(f"{config_path}: modules_to_save {raw['modules_to_save']} cannot be served per row "
-                                 "(they are whole copies of a module, not low-rank updates)")
-    cfg, targets, _, found = check_adapter(shadow, folder)     # no injection: no modules built, no init
+    cfg, targets, found, config_path = check_served(folder, shadow, served, r_max)
     layers = {}
     for t in targets:
         A, B = found[f"{t}.lora_A"].float(), found[f"{t}.lora_B"].float()     # (r, d_in), (d_out, r)
@@ -120,19 +113,35 @@ def read_adapter(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int
             g = dora_factor(dense_weight(shadow.get_submodule(t)), A, B, scale, found[f"{t}.{MAGNITUDE}"].float())
         layers[t] = LayerWeights(A, B, scale, g)
     weights = AdapterWeights(name, layers, Path(folder))
-    outside = [m for m in weights.layers if m not in served]
-    if outside:
-        raise AdapterFormatError(f"{config_path}: targets modules this server has no slots for: "
-                                 f"{sorted(outside)[:8]} (served: {_kinds(served)})")
-    too_big = {m: w.A.shape[0] for m, w in weights.layers.items() if w.A.shape[0] > r_max}
-    if too_big:
-        raise AdapterFormatError(f"{config_path}: rank {max(too_big.values())} is above the server's r_max = {r_max}")
     everything = [t.flatten() for w in weights.layers.values() for t in (w.A, w.B, w.g) if t is not None]
     if not bool(torch.isfinite(torch.cat(everything)).all()):             # one pass; find the culprits only if needed
         bad = [m for m, w in weights.layers.items()
                if not all(torch.isfinite(t).all() for t in (w.A, w.B, w.g) if t is not None)]
         raise AdapterFormatError(f"{config_path}: non-finite values in the weights of {sorted(bad)[:8]}")
     return weights
+
+
+def check_served(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int, int]], r_max: int,
+                 lazy: bool = False):
+    """Every check of `read_adapter` that needs no weight values: method, targets, names, shapes, the
+    serving limits. `lazy`: read only the file's header (start-up checks a thousand folders this way).
+    Returns (config, targets, tensors, config path)."""
+    raw, config_path = read_config(folder)
+    if raw.get("peft_type") != "LORA":
+        raise AdapterFormatError(f"{config_path}: peft_type {raw.get('peft_type')!r} cannot be served per row "
+                                 "(the server batches LoRA and DoRA adapters)")
+    if raw.get("modules_to_save"):
+        raise AdapterFormatError(f"{config_path}: modules_to_save {raw['modules_to_save']} cannot be served per row "
+                                 "(they are whole copies of a module, not low-rank updates)")
+    cfg, targets, _, found = check_adapter(shadow, folder, lazy)   # no injection: no modules built, no init
+    outside = [m for m in targets if m not in served]
+    if outside:
+        raise AdapterFormatError(f"{config_path}: targets modules this server has no slots for: "
+                                 f"{sorted(outside)[:8]} (served: {_kinds(served)})")
+    ranks = {t: found[f"{t}.lora_A"].shape[0] for t in targets}
+    if max(ranks.values(), default=0) > r_max:
+        raise AdapterFormatError(f"{config_path}: rank {max(ranks.values())} is above the server's r_max = {r_max}")
+    return cfg, targets, found, config_path
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:

@@ -1,0 +1,338 @@
+"""The OpenAI protocol as this server speaks it: request and response models, errors, SSE framing.
+
+Requests are strict at the edge: a field the server does not implement is refused with 400 naming
+it, never ignored. Fields clients send with a neutral value (`presence_penalty: 0`, `logprobs: null`,
+`tools: []`, `n: 1`) pass; asking for the feature itself is refused. Every error answer has OpenAI's
+body, `{"error": {"message", "type", "param", "code"}}`, with `param` the exact field
+(`prompt`, `stop`, `messages[2].content`).
+What this does not do: routes, keys, the engine (api.py), or sampling itself (sampling.py).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_STOP = 4            # stop strings per request, as OpenAI allows
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 499: "client_closed_request", 500: "server_error",
+               503: "service_unavailable", 504: "timeout"}
+
+
+class APIError(Exception):
+    """An answer other than 2xx; `param` names the request field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.param, self.headers = status, param, headers
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": status}}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# -- requests -------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# field -> (neutral values, what to say): a neutral value passes, anything else is refused
+NOT_IMPLEMENTED = {
+    "logprobs": ((None, False), "logprobs are not implemented by this server yet"),
+    "top_logprobs": ((None, 0), "logprobs are not implemented by this server yet"),
+    "echo": ((False,), "echo is not implemented by this server yet"),
+    "best_of": ((None, 1), "best_of is not implemented (send several requests)"),
+    "suffix": ((None, ""), "suffix (insertion) is not implemented"),
+    "presence_penalty": ((0, 0.0), "presence_penalty is not implemented by this server yet"),
+    "frequency_penalty": ((0, 0.0), "frequency_penalty is not implemented by this server yet"),
+    "logit_bias": ((None, {}), "logit_bias is not implemented by this server yet"),
+    "tools": ((None, []), "tools (function calling) are not implemented"),
+    "tool_choice": ((None, "none", "auto"), "tools (function calling) are not implemented"),
+    "parallel_tool_calls": ((None,), "tools (function calling) are not implemented"),
+    "functions": ((None, []), "functions (function calling) are not implemented"),
+    "function_call": ((None, "none", "auto"), "functions (function calling) are not implemented"),
+    "response_format": ((None, {"type": "text"}), "response_format (structured output) is not implemented"),
+}
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+def _neutral(value, neutral: tuple) -> bool:
+    """`value` is one of `neutral`, type for type (logprobs: 0 asks for logprobs; False does not)."""
+    return any(value is n or (type(value) is type(n) and value == n) for n in neutral)
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    ignore_eos: bool = False
+    user: str | None = None                        # an end-user id for the caller's own records: no effect
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unimplemented(self):
+        for name, (neutral, why) in NOT_IMPLEMENTED.items():
+            if name in type(self).model_fields and not _neutral(getattr(self, name), neutral):
+                raise UnsupportedField(name, f"{name}: {why}")
+        if self.n != 1:
+            raise UnsupportedField("n", "n must be 1 (send several requests; the server batches them)")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise UnsupportedField("stop", f"stop: at most {MAX_STOP} strings")
+        if any(s == "" for s in ([self.stop] if isinstance(self.stop, str) else self.stop or [])):
+            raise UnsupportedField("stop", "stop: the strings must not be empty")
+        return self
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class UnsupportedField(ValueError):
+    """Raised by a model validator: pydantic reports it at the model's location; `param` says where."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Union[str, dict[str, Any], None] = None
+    response_format: dict[str, Any] | None = None
+
+
+class LoadAdapter(_Strict):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapter(_Strict):
+    lora_name: str
+
+
+# -- responses (what the OpenAPI schema documents; the routes build plain dicts of these shapes) -----
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+
+
+class SkippedAdapter(BaseModel):
+    id: str
+    reason: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+    skipped: list[SkippedAdapter] | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    reason: str | None = None
+    skipped_adapters: Union[list[str], int] = 0
+
+
+def responses(*codes: int, ok: dict | None = None) -> dict:
+    """OpenAPI `responses=` for a route: its 200 (`ok`) and the error codes it can answer."""
+    out = {code: {"model": ErrorResponse, "description": ERROR_TYPES.get(code, "error")} for code in codes}
+    if ok is not None:
+        out[200] = ok
+    return out
+
+
+def streamed(model: type[BaseModel]) -> dict:
+    """A 200 that is `model` as JSON, or server-sent events when the request sets `stream`."""
+    return {"description": "the completion (JSON), or server-sent events with \"stream\": true",
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                        "text/event-stream": {"schema": {"type": "string"}}}}
+
+
+# -- validation errors -> `param` -----------------------------------------------------------------
+def param_path(model: type[BaseModel], loc: tuple) -> str | None:
+    """pydantic's error location -> the field as a client names it: ('body', 'messages', 2, 'content',
+    'str') -> 'messages[2].content'. Union tags ('str', 'list[int]') are not fields, and are dropped."""
+    path, current = "", model
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+            continue
+        fields = getattr(current, "model_fields", {}) if isinstance(current, type) else {}
+        if part in fields:
+            path += ("." if path else "") + part
+            current = _inner_model(fields[part].annotation)
+        elif current is None or not fields:
+            continue                                  # a union member's tag, or inside a plain value
+        else:
+            path += ("." if path else "") + str(part)  # an extra field (refused): still name it
+            current = None
+    return path or None
+
+
+def _inner_model(annotation):
+    """The BaseModel inside list[Model] / Model | None / Union[str, list[Model]], if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validation_error(model: type[BaseModel] | None, errors: list[dict]) -> APIError:
+    """The most specific of pydantic's errors (the deepest field) as a 400."""
+    def depth(e):
+        return len(param_path(model, tuple(e.get("loc", ()))) or "") if model else 0
+    if not errors:
+        return APIError(400, "the request body is invalid")
+    first = max(errors, key=depth)                     # max keeps the first of equals
+    ctx = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx, UnsupportedField):
+        return APIError(400, str(ctx), ctx.param)
+    loc = tuple(first.get("loc", ()))
+    param = param_path(model, loc) if model else None
+    kind = first.get("type")
+    if kind == "extra_forbidden":
+        message = f"{param}: this server does not support this field"
+    elif kind == "missing":
+        message = f"{param}: a required field is missing"
+    else:
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    return APIError(400, message, param)
+
+
+# -- the body before validation --------------------------------------------------------------------
+def parse_json_body(body: bytes):
+    """Strict JSON: UTF-8, no NaN/Infinity, nesting the parser can follow. Raises APIError(400)."""
+    if not body.strip():
+        raise APIError(400, "the request body is empty; expected a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    try:
+        value = json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply") from None
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def sse(data) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(data)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
