@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapter_cache import AdapterError, AdapterLoadError, AdapterPathError
-from .engine import EngineUnavailable, Event
+from .engine import EngineUnavailable, Event, RequestFailed
 from .protocol import (SSE_DONE, APIError, ChatCompletionResponse, ChatRequest, CompletionRequest,
                        CompletionResponse, Health, LoadAdapter, ModelList, UnloadAdapter, error_body,
                        parse_json_body, responses, sse, streamed, validation_error)
@@ -231,7 +231,7 @@ class Service:
         """The answer for a request the engine finished with an error (or aborted on its own)."""
         self.counts["request_errors"] += 1
         e = event.error
-        if e is None or isinstance(e, EngineUnavailable):
+        if e is None or isinstance(e, (EngineUnavailable, RequestFailed)):     # the engine's state, not the request's
             return APIError(503, f"the request was not finished: {e or 'the server aborted it'}")
         if isinstance(e, AdapterLoadError):
             return APIError(500, f"the adapter {model!r} could not be loaded on the server (its files are at "
@@ -447,7 +447,7 @@ def _routes(app: FastAPI, service: Service) -> None:
     served, cache, engine = service.served, service.cache, service.engine
     auth = (401, 403, 404, 413, 429, 500, 503, 504)
 
-    @app.get("/health", response_model=Health, response_model_exclude_none=True, responses=responses(503))
+    @app.get("/health", response_model=Health, response_model_exclude_unset=True, responses=responses(503))
     async def health(request: Request):
         skipped = sorted(served.skipped)
         shown = skipped if service.api_keys is None else len(skipped)        # names only when nobody is keyed
@@ -456,7 +456,7 @@ def _routes(app: FastAPI, service: Service) -> None:
                                  "skipped_adapters": shown}, 503)
         return {"status": "ok", "skipped_adapters": shown}
 
-    @app.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=responses(401))
+    @app.get("/v1/models", response_model=ModelList, response_model_exclude_unset=True, responses=responses(401))
     async def models(request: Request):
         permitted = service.allowed(request)
         now = int(time.time())

@@ -47,7 +47,7 @@ class ErrorResponse(BaseModel):
 
 # -- requests -------------------------------------------------------------------------------------
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)      # the documented JSON types, no coercion
 
 
 # field -> (neutral values, what to say): a neutral value passes, anything else is refused
@@ -238,7 +238,9 @@ class Health(BaseModel):
 
 def responses(*codes: int, ok: dict | None = None) -> dict:
     """OpenAPI `responses=` for a route: its 200 (`ok`) and the error codes it can answer."""
-    out = {code: {"model": ErrorResponse, "description": ERROR_TYPES.get(code, "error")} for code in codes}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    out = {code: {"model": ErrorResponse, "description": ERROR_TYPES.get(code, "error"), "content": error}
+           for code in codes}
     if ok is not None:
         out[200] = ok
     return out
@@ -252,12 +254,13 @@ def streamed(model: type[BaseModel]) -> dict:
 
 
 # -- validation errors -> `param` -----------------------------------------------------------------
-def param_path(model: type[BaseModel], loc: tuple) -> str | None:
+def param_path(model: type[BaseModel], loc: tuple, extra: bool = False) -> str | None:
     """pydantic's error location -> the field as a client names it: ('body', 'messages', 2, 'content',
-    'str') -> 'messages[2].content'. Union tags ('str', 'list[int]') are not fields, and are dropped."""
+    'list[TextPart]', 0, 'type') -> 'messages[2].content[0].type'. Union tags ('str', 'list[int]') are
+    not fields and are dropped; with `extra` (an unknown field) the last part is the field's own name."""
     path, current = "", model
-    for part in loc:
-        if part == "body" and not path:
+    for i, part in enumerate(loc):
+        if part == "body" and i == 0:
             continue
         if isinstance(part, int):
             path += f"[{part}]"
@@ -266,11 +269,8 @@ def param_path(model: type[BaseModel], loc: tuple) -> str | None:
         if part in fields:
             path += ("." if path else "") + part
             current = _inner_model(fields[part].annotation)
-        elif current is None or not fields:
-            continue                                  # a union member's tag, or inside a plain value
-        else:
-            path += ("." if path else "") + str(part)  # an extra field (refused): still name it
-            current = None
+        elif extra and i == len(loc) - 1:
+            path += ("." if path else "") + str(part)
     return path or None
 
 
@@ -287,21 +287,24 @@ def _inner_model(annotation):
 
 def validation_error(model: type[BaseModel] | None, errors: list[dict]) -> APIError:
     """The most specific of pydantic's errors (the deepest field) as a 400."""
-    def depth(e):
-        return len(param_path(model, tuple(e.get("loc", ()))) or "") if model else 0
+    def where(e):
+        return param_path(model, tuple(e.get("loc", ())), e.get("type") == "extra_forbidden") if model else None
     if not errors:
         return APIError(400, "the request body is invalid")
-    first = max(errors, key=depth)                     # max keeps the first of equals
+    # the deepest location wins, a wrong value before an unknown field beside it; max keeps the first of equals
+    first = max(errors, key=lambda e: (len(e.get("loc", ())), e.get("type") != "extra_forbidden"))
     ctx = (first.get("ctx") or {}).get("error")
     if isinstance(ctx, UnsupportedField):
         return APIError(400, str(ctx), ctx.param)
-    loc = tuple(first.get("loc", ()))
-    param = param_path(model, loc) if model else None
-    kind = first.get("type")
+    param, kind = where(first), first.get("type")
+    tags = [str(e["loc"][-1]) for e in errors if where(e) == param and e.get("loc") and isinstance(e["loc"][-1], str)
+            and not e.get("loc")[-1] in getattr(model, "model_fields", {})]
     if kind == "extra_forbidden":
         message = f"{param}: this server does not support this field"
     elif kind == "missing":
         message = f"{param}: a required field is missing"
+    elif len(tags) > 1:                                               # every member of a union refused it
+        message = f"{param}: expected one of {', '.join(tags)}"
     else:
         message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
     return APIError(400, message, param)

@@ -146,5 +146,6 @@ def _skip(config: ServeConfig, skipped: dict, adapter: str, error: Exception) ->
     if config.strict:
         raise ValueError(f"--adapters {config.adapters}: adapter folder {adapter!r} cannot be served: {error} "
                          "(--strict)") from error
-    skipped[adapter] = str(error)
-    log.warning("skipping adapter folder %r: %s", adapter, error)
+    why = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())    # one line per folder
+    skipped[adapter] = why
+    log.warning("skipping adapter folder %r: %s", adapter, why)
