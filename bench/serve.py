@@ -8,11 +8,17 @@
 (c) latency: p50/p95 of requests (4 concurrent clients, each request on a random registered adapter)
     with 1 and with 1,000 registered adapters. With 1,000, nearly every request misses the RAM tier
     (64 adapters) and its adapter is read from disk while others decode.
+(d) soak: `--soak-minutes` (default 3) of mixed traffic from 16 clients, each request on a random
+    adapter: good ones (chat and completions, greedy and sampled, streaming and not) and bad ones
+    (max_tokens 0, unknown or unimplemented fields, bad JSON, a body over the cap, a broken adapter,
+    clients that give up); requests served, answers by status, p50/p95 latency of the good ones, and
+    the server's RSS at start and end (targets: no 5xx but the broken adapter's 500s, RSS +< 5%).
 The model is the embedded SmolLM2-135M-Instruct, fp32, 2 threads; adapters r=16, alpha=32, all-linear,
 deterministic random weights (the 1,000 of (c) are hard links to one file, so disk holds one copy).
 
     .venv/bin/python bench/serve.py                 # about 16 minutes; writes bench/results/serve.json
     .venv/bin/python bench/serve.py --parts b,c     # skip (a)
+    .venv/bin/python bench/serve.py --parts d       # the soak alone (about 4 minutes)
 """
 from __future__ import annotations
 
@@ -198,6 +204,94 @@ def latency(args) -> dict:
             "loads": m["loads"], "cpu_misses": m["cpu_misses"], "device_misses": m["device_misses"]}
 
 
+# -- (d) ----------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def soak_traffic(rng: random.Random, names: list[str]) -> tuple[str, str, object, bool]:
+    """(kind, path, body or raw bytes, streamed) of one random request: 70% good, 30% bad."""
+    name, q = rng.choice(names), rng.choice(QUESTIONS)
+    chat = {"model": name, "messages": [{"role": "user", "content": q}], "max_tokens": rng.randint(4, 16)}
+    comp = {"model": name, "prompt": q, "max_tokens": rng.randint(4, 16), "temperature": rng.choice([0, 0.7, 1e-40])}
+    if rng.random() < 0.7:
+        stream = rng.random() < 0.5
+        body = dict(chat if rng.random() < 0.5 else comp, stream=stream)
+        return "good", "/v1/chat/completions" if "messages" in body else "/v1/completions", body, stream
+    bad = [("/v1/completions", {**comp, "max_tokens": 0}), ("/v1/completions", {**comp, "logprobs": 2}),
+           ("/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}), ("/v1/completions", {**comp, "x": 1}),
+           ("/v1/completions", b"{not json"), ("/v1/completions", b'{"prompt": "' + b"x" * (2 << 20) + b'"}'),
+           ("/v1/completions", {**comp, "model": "broken"}), ("/v1/completions", {**comp, "model": "nope"}),
+           ("giveup", {**comp, "max_tokens": 16, "ignore_eos": True})]
+    path, body = rng.choice(bad)
+    return "bad", path, body, False
+
+
+def soak(args) -> dict:
+    import asyncio
+    import collections
+    import shutil as sh
+
+    import httpx
+
+    from lorakit.serve.server import ServeConfig, build
+
+    root = Path(args.dir)
+    sh.copytree(root / sorted(os.listdir(root))[0], root / "broken")
+    served = build(ServeConfig(model=args.model, adapters=str(root), max_num_seqs=16, device=args.device))
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"broken on the server")
+    names = [n for n in served.adapters.names() if n != "broken"] + ["base"]
+    stats = {"status": collections.Counter(), "latency": [], "served": 0}
+
+    async def one(c, rng):
+        kind, path, body, stream = soak_traffic(rng, names)
+        t = time.perf_counter()
+        try:
+            if path == "giveup":
+                await c.post("/v1/completions", json=body, timeout=0.2)
+                code = "finished"
+            elif isinstance(body, bytes):
+                code = (await c.post(path, content=body, headers={"content-type": "application/json"})).status_code
+            elif stream:
+                async with c.stream("POST", path, json=body) as r:
+                    text = "".join([line async for line in r.aiter_lines()])
+                    code = r.status_code if '"finish_reason": "error"' not in text else "stream-error"
+            else:
+                code = (await c.post(path, json=body)).status_code
+        except httpx.TimeoutException:
+            code = "gave up"
+        stats["status"][str(code)] += 1
+        if kind == "good" and code == 200:
+            stats["served"] += 1
+            stats["latency"].append(time.perf_counter() - t)
+
+    async def run(url, seconds):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            end = time.monotonic() + seconds
+
+            async def client(k):
+                rng = random.Random(k)
+                while time.monotonic() < end:
+                    await one(c, rng)
+            await asyncio.gather(*(client(k) for k in range(16)))
+
+    def client(url):
+        asyncio.run(run(url, 10))                                      # warm-up: caches, allocator
+        for key in ("status", "latency"):
+            stats[key].clear()
+        stats["served"], start = 0, rss_bytes()
+        asyncio.run(run(url, args.soak_minutes * 60))
+        return start, rss_bytes()
+    start, end = drive(served, client)
+    q = statistics.quantiles(stats["latency"], n=20)
+    return {"minutes": args.soak_minutes, "served": stats["served"], "status": dict(stats["status"]),
+            "p50_s": statistics.median(stats["latency"]), "p95_s": q[18], "rss_start": start, "rss_end": end,
+            "rss_growth": end / start - 1}
+
+
 def make_many(src: Path, root: Path, n: int) -> None:
     for j in range(n):
         d = root / f"t{j:04d}"
@@ -207,7 +301,7 @@ def make_many(src: Path, root: Path, n: int) -> None:
 
 
 # -- driver -------------------------------------------------------------------------------------
-WORKERS = {"e2e-lorakit": e2e_lorakit, "e2e-peft": e2e_peft, "latency": latency}
+WORKERS = {"e2e-lorakit": e2e_lorakit, "e2e-peft": e2e_peft, "latency": latency, "soak": soak}
 
 
 def spawn(kind: str, **extra) -> dict:
@@ -229,6 +323,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4, help="(c): concurrent clients")
     p.add_argument("--latency-tokens", type=int, default=16, help="(c): tokens per request")
     p.add_argument("--many", type=int, default=1000, help="(c): registered adapters in the large setting")
+    p.add_argument("--soak-minutes", type=float, default=3, help="(d): minutes of mixed traffic")
     p.add_argument("--rounds", type=int, default=3, help="(b), (c): alternating rounds of the two sides")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
@@ -295,6 +390,14 @@ def main() -> None:
                       f"{first:.3f} | {rounds[0][k]['loads']} |")
             print(f"| **ratio** (target <= 1.2x) | **x{out['c']['p50_ratio']:.2f}** | **x{out['c']['p95_ratio']:.2f}** | | | |")
             print("\nper round (p50, p95 ratio): " + ", ".join(f"x{a:.2f} / x{b:.2f}" for a, b in out["c"]["round_ratios"]))
+        if "d" in parts:
+            out["d"] = d = spawn("soak", dir=tmp / "b")
+            print(f"\n(d) soak: {d['minutes']:g} min, 16 clients, mixed good and bad requests on random adapters\n\n"
+                  f"| good requests served | answers by status | p50 (s) | p95 (s) | RSS start -> end (MiB) |\n"
+                  f"| ---: | --- | ---: | ---: | ---: |\n| {d['served']:,} | "
+                  + ", ".join(f"{k}: {v:,}" for k, v in sorted(d["status"].items())) +
+                  f" | {d['p50_s']:.2f} | {d['p95_s']:.2f} | {d['rss_start'] / 2**20:.0f} -> "
+                  f"{d['rss_end'] / 2**20:.0f} ({d['rss_growth']:+.1%}) |", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
 
