@@ -180,15 +180,6 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"]
     content: str
@@ -201,13 +192,21 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class ChatCompletionResponse(BaseModel):
+class _Completion(BaseModel):
     id: str
-    object: Literal["chat.completion"]
     created: int
     model: str
-    choices: list[ChatChoice]
     usage: Usage
+
+
+class CompletionResponse(_Completion):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+
+
+class ChatCompletionResponse(_Completion):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
 
 
 class ModelCard(BaseModel):
