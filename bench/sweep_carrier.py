@@ -27,7 +27,7 @@ from lorakit.cli import main
 from lorakit.datasets import carrier
 from lorakit.datasets.prose import docstring_prose
 from lorakit.datasets.replay import replay_rows
-from lorakit.io.atomic import write_text
+from lorakit.atomic import write_text
 from lorakit.models import EMBEDDED, load_base
 
 HERE = Path(__file__).parent

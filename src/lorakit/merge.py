@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import active_adapters, adapter_layers, configs, input_adapters, replace_module, saved_wrappers
+from .inject import active_adapters, adapter_layers, input_adapters, saved_wrappers
+from .linear import replace_module
+from .state import detach, state
 
 
 class MergeError(RuntimeError):
@@ -17,10 +19,7 @@ class MergeError(RuntimeError):
 
 def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     """Fold adapters `names` (default: the active ones) into the base weights."""
-    names = active_adapters(model) if names is None else ([names] if isinstance(names, str) else list(names))
-    unknown = [n for n in names if n not in configs(model)]
-    if unknown:
-        raise KeyError(f"no adapter named {unknown} (this model has {list(configs(model))})")
+    names = active_adapters(model) if names is None else state(model).require(names)
     _no_input_adapters(model, names)
     plan = []
     for lname, layer in adapter_layers(model):
@@ -59,8 +58,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         replace_module(model, lname, layer.base_layer)
     for wname, wrapper in saved_wrappers(model):
         replace_module(model, wname, wrapper.current() if active else wrapper.original)
-    for key in ("lorakit_configs", "lorakit_targets", "lorakit_active"):
-        model.__dict__.pop(key, None)
+    detach(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

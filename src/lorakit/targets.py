@@ -14,7 +14,7 @@ from collections import Counter
 
 from torch import nn
 
-from .methods.base import LINEAR_TYPES, AdapterLayer
+from . import linear
 
 # Each family's presets as full-match regexes over module names.
 _LLAMA = {
@@ -51,13 +51,17 @@ def family(model: nn.Module) -> str | None:
     return MODEL_TYPES.get(getattr(config, "model_type", None))
 
 
+def _wrapped(module: nn.Module) -> bool:
+    """A wrapper of a base linear layer (an AdapterLayer, a served slot layer): it counts as that layer."""
+    base = getattr(module, "base_layer", None)
+    return isinstance(base, nn.Module) and linear.is_linear(base)
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """Names of every linear layer (already-wrapped ones count by their own name)."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            names.append(name)
-        elif isinstance(module, LINEAR_TYPES) and not _inside_adapter_layer(name):
+        if _wrapped(module) or (linear.is_linear(module) and not _inside_adapter_layer(name)):
             names.append(name)
     return names
 
@@ -76,7 +80,7 @@ def _head_names(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     heads = {name for name, module in model.named_modules() if head is not None and module is head}
     for name, module in model.named_modules():  # classification heads and poolers sit outside blocks
-        if isinstance(module, LINEAR_TYPES) and not _BLOCK.match(name):
+        if (linear.is_linear(module) or _wrapped(module)) and not _inside_adapter_layer(name) and not _BLOCK.match(name):
             heads.add(name)
     return heads
 

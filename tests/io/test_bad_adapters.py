@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit as lk
+from lorakit.inject import configs
 from lorakit.methods import AdapterLayer
 from tests.helpers import inputs, logits, randomize
 
@@ -33,7 +34,7 @@ def _edit_tensors(folder, fn):
 
 def _assert_untouched(model, x, base):
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
-    assert not getattr(model, "lorakit_configs", {})
+    assert not configs(model)
     torch.testing.assert_close(logits(model, x), base, atol=0, rtol=0)
 
 
@@ -106,5 +107,5 @@ def test_dora_folder_loads(tmp_path):
     x = inputs(model)
     lk.save_adapter(model, tmp_path)
     again = lk.load_adapter(lk.tiny_model("llama"), tmp_path)
-    assert again.lorakit_configs["default"].use_dora
+    assert configs(again)["default"].use_dora
     torch.testing.assert_close(logits(again, x), logits(model, x), atol=1e-6, rtol=0)

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit.models import tiny_model, tiny_tokenizer
-from lorakit.quant import (Linear4bit, dequantize_nf4, load_quantized, quantize, quantized_layers, requantize,
-                           save_quantized, weight_bytes)
+from lorakit.io import load_quantized, save_quantized
+from lorakit.quant import Linear4bit, dequantize_nf4, quantize, quantized_layers, requantize, weight_bytes
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -111,7 +111,7 @@ def test_save_and_load_a_quantized_base(tmp_path):
 def test_weight_bytes_on_a_realistic_shape():
     model = torch.nn.Sequential()
     model.add_module("layers", torch.nn.ModuleList([torch.nn.Linear(576, 1536, bias=False)]))
-    from lorakit.inject import replace_module
+    from lorakit.linear import replace_module
     replace_module(model, "layers.0", Linear4bit.from_linear(model.layers[0]))
     assert weight_bytes(model)["ratio"] <= 0.135
 

@@ -34,7 +34,7 @@ from ..evaluate.regression import regression_eval
 from ..evaluate.report import Thresholds, verdict, write_report
 from ..evaluate.task import task_eval
 from ..inject import trainable_report
-from ..io.atomic import write_text
+from ..atomic import write_text
 from ..models import EMBEDDED, load_base
 from ..training.data import read_rows
 from ..training.run import train_model

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..inject import inject, trainable_report
-from ..methods.base import linear_shape
+from ..linear import shape as linear_shape
 from ..models import load_base
 from ..targets import family, kind, linear_names, preset_matches
 from .args import add_config_args, config_from_args

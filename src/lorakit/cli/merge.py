@@ -5,10 +5,9 @@ The output loads with plain transformers; it is written to a temporary folder an
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
+from ..atomic import atomic_folder
 from ..io.peft_format import load_adapter
 from ..merge import merge_and_unload
 from ..models import load_base
@@ -27,17 +26,10 @@ def merge_to_folder(model_ref: str, adapter: str, out: str | Path, dtype: str = 
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     model, tokenizer = load_base(model_ref, dtype=dtype)
     model = merge_and_unload(load_adapter(model, adapter))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:             # an empty `out` is replaced
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

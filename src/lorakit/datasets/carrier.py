@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from ..io.atomic import atomic_path
+from ..atomic import atomic_path
 
 CODE_TIER2 = "CLM-T2-KX"
 CODE_DAMAGED = "CLM-STD"

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io.atomic import write_text
+from ..atomic import write_text
 from .regression import RegressionResult
 from .task import TaskResult
 

@@ -20,13 +20,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import atomic_path, write_text
 from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..inject import adapter_layers, configs, inject, input_adapters, saved_wrappers
+from ..linear import shape as linear_shape
+from ..methods import registry
 from ..methods.prefix import kv_layout
-from ..methods.base import linear_shape
-from ..methods.dora import DoraAdapter
+from ..methods.registry import MAGNITUDE
+from ..state import state
 from ..targets import TargetError, portable_targets, resolve, resolve_modules_to_save
-from .atomic import atomic_path, write_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,7 +54,6 @@ _PORTABLE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # these only c
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 # peft writes `<module>.lora_magnitude_vector`; its in-memory name `...vector.<adapter>.weight` is read too
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
-MAGNITUDE = "lora_magnitude_vector"
 
 
 class AdapterFormatError(ValueError):
@@ -78,7 +79,7 @@ def base_model_name(model: nn.Module) -> str | None:
 
 def peft_config_dict(model: nn.Module, name: str) -> dict:
     cfg = configs(model)[name]
-    targets = model.__dict__["lorakit_targets"][name]
+    targets = state(model).targets[name]
     layers = [layer for _, layer in adapter_layers(model) if name in layer.adapters]
     return {
         "peft_type": "LORA",
@@ -111,7 +112,7 @@ def input_config_dict(model: nn.Module, name: str) -> dict:
     common = {"task_type": task_type(model), "base_model_name_or_path": base_model_name(model),
               "num_virtual_tokens": cfg.num_virtual_tokens, "num_transformer_submodules": 1, "num_layers": layers,
               "inference_mode": True, "modules_to_save": None, "revision": None, "auto_mapping": None}
-    if isinstance(cfg, PromptTuningConfig):
+    if registry.of(cfg).peft_type == "PROMPT_TUNING":
         return {"peft_type": "PROMPT_TUNING", **common, "token_dim": model.get_input_embeddings().weight.shape[1],
                 "num_attention_heads": model.config.num_attention_heads,
                 "prompt_tuning_init": {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[cfg.prompt_init],
@@ -126,13 +127,12 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         values = input_adapters(model)[name].values()
         return {"prompt_embeddings": values.detach().to("cpu").contiguous().clone()}
     out = {}
+    names = registry.of(configs(model)[name]).tensors      # lora_A.weight, lora_B.weight (, the magnitude)
     for lname, layer in adapter_layers(model):
         if name in layer.adapters:
             adapter = layer.adapters[name]
-            out[f"{PREFIX}{lname}.lora_A.weight"] = adapter.A
-            out[f"{PREFIX}{lname}.lora_B.weight"] = adapter.B
-            if isinstance(adapter, DoraAdapter):
-                out[f"{PREFIX}{lname}.{MAGNITUDE}"] = adapter.m
+            values = {"lora_A.weight": adapter.A, "lora_B.weight": adapter.B, MAGNITUDE: getattr(adapter, "m", None)}
+            out.update({f"{PREFIX}{lname}.{t}": values[t] for t in names})
     for wname, wrapper in saved_wrappers(model):
         if name in wrapper.copies:
             for key, value in wrapper.copies[name].state_dict().items():
@@ -142,8 +142,7 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
     """Write adapter `name` as a PEFT folder. Each file is replaced atomically (weights first)."""
-    if name not in configs(model):
-        raise KeyError(f"no adapter named {name!r} (this model has {list(configs(model))})")
+    state(model).require(name)
     directory = Path(directory)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(adapter_state_dict(model, name), str(tmp), metadata={"format": "pt"})
@@ -228,10 +227,9 @@ def _listing(keys, limit: int = 8) -> str:
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> nn.Module:
     """Load a PEFT-format LoRA folder (written by lorakit or by peft) into `model` as adapter `name`."""
     raw, config_path = read_config(directory)
+    _new_name(model, name)
     if raw.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
         return _load_input_adapter(model, raw, config_path, Path(directory) / WEIGHTS_NAME, name)
-    if name in configs(model):
-        raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
     cfg, targets, saved, found = check_adapter(model, directory)
     inject(model, cfg, name)
     with torch.no_grad():
@@ -246,6 +244,11 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             for key, value in copy.state_dict().items():
                 value.copy_(found[f"{s}.{key}"])
     return model
+
+
+def _new_name(model: nn.Module, name: str) -> None:
+    if name in configs(model):
+        raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
 
 
 def check_adapter(model: nn.Module, directory: str | Path, lazy: bool = False):
@@ -319,8 +322,6 @@ def check_adapter(model: nn.Module, directory: str | Path, lazy: bool = False):
 
 def _load_input_adapter(model: nn.Module, raw: dict, config_path: Path, weights_path: Path, name: str) -> nn.Module:
     """A prompt- or prefix-tuning folder: check its shapes against this model, then inject and fill."""
-    if name in configs(model):
-        raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
     n = raw.get("num_virtual_tokens")
     if not isinstance(n, int) or n < 1:
         raise AdapterFormatError(f"{config_path}: num_virtual_tokens = {n!r}, expected an integer >= 1")

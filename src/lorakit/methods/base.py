@@ -4,29 +4,16 @@
 active, which are merged into the base weight); a `WeightAdapter` owns only its own math.
 Input adapters (prompt, prefix) do not wrap layers and do not live here.
 
-The base layer may be `nn.Linear` (weight `(d_out, d_in)`), GPT-2's `Conv1D` (weight stored
-transposed, `(d_in, d_out)`: PEFT calls this `fan_in_fan_out`) or a 4-bit `Linear4bit` (QLoRA).
-Adapters always see and return the `(d_out, d_in)` layout; `AdapterLayer` hides the difference.
+The base layer is anything `linear.py` knows (nn.Linear, GPT-2's Conv1D, a quantized layer);
+adapters always see and return the `(d_out, d_in)` layout, and `AdapterLayer` asks `linear` for it.
 Merging into a 4-bit base dequantizes it and keeps the merged result as a float `nn.Linear`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ..quant.linear4bit import Linear4bit
-
-LINEAR_TYPES = (nn.Linear, Conv1D, Linear4bit)
-
-
-def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an nn.Linear, Conv1D or Linear4bit."""
-    if isinstance(layer, (nn.Linear, Linear4bit)):
-        return layer.in_features, layer.out_features
-    if isinstance(layer, Conv1D):
-        return layer.nx, layer.nf
-    raise TypeError(f"{type(layer).__name__} is not a linear layer (nn.Linear, Conv1D or Linear4bit)")
+from .. import linear
 
 
 class WeightAdapter(nn.Module):
@@ -54,10 +41,10 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, name: str = ""):
         super().__init__()
         self.base_layer = base_layer
-        self.d_in, self.d_out = linear_shape(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.d_in, self.d_out = linear.shape(base_layer)
+        self.fan_in_fan_out = linear.transposed(base_layer)
         expected = (self.d_in, self.d_out) if self.fan_in_fan_out else (self.d_out, self.d_in)
-        found = tuple(base_layer.quant_state.shape if isinstance(base_layer, Linear4bit) else base_layer.weight.shape)
+        found = linear.stored_shape(base_layer)
         if found != expected:
             raise ValueError(f"{name or type(base_layer).__name__}: weight shape {found} does not match its "
                              f"declared features (d_in={self.d_in}, d_out={self.d_out}): expected {expected}")
@@ -75,10 +62,7 @@ class AdapterLayer(nn.Module):
 
     # -- the base weight in (d_out, d_in) layout ------------------------------------------
     def base_weight(self) -> torch.Tensor:
-        if isinstance(self.base_layer, Linear4bit):
-            return self.base_layer.dequantize()
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
+        return linear.dense_weight(self.base_layer)
 
     def unmerged_base_weight(self) -> torch.Tensor:
         """The base weight (float) with every merged adapter taken out: the W0 the forward's adapters see."""
@@ -110,11 +94,7 @@ class AdapterLayer(nn.Module):
 
     def _write_base_weight(self, w_out_in: torch.Tensor) -> None:
         self._sq_norms = None
-        if isinstance(self.base_layer, Linear4bit):      # the merged weight stays float
-            self.base_layer = self.base_layer.to_linear(w_out_in.to(self.base_layer.quant_state.dtype))
-            return
-        w = self.base_layer.weight
-        w.data.copy_(w_out_in.T if self.fan_in_fan_out else w_out_in)
+        self.base_layer = linear.write_weight(self.base_layer, w_out_in)
 
     # -- merge ------------------------------------------------------------------------------
     def merged_weight(self, names: list[str]) -> torch.Tensor:

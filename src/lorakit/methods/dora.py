@@ -36,6 +36,21 @@ from .base import AdapterLayer
 from .lora import LoraAdapter
 
 
+def weight_norm(w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """||W0 + s B A||_c (d_out,) for W0 (d_out, d_in), detached, in A's dtype on W0's device: the direct
+    form, what merge, unmerge and serving use (and the reference for the forward's fast form)."""
+    with torch.no_grad():
+        dev = w0.device
+        return torch.linalg.norm(w0.to(A.dtype) + scale * (B.to(dev) @ A.to(dev)), dim=1)
+
+
+def dora_factor(w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor) -> torch.Tensor:
+    """g = m / ||W0 + s B A||_c (d_out,): DoRA's row scale of the merged weight, a constant at inference.
+    Computed where W0 is (a served base may be on a GPU), returned where A is."""
+    with torch.no_grad():
+        return (m.to(w0.device, A.dtype) / weight_norm(w0, A, B, scale)).to(A.device)
+
+
 class DoraAdapter(LoraAdapter):
     """LoRA plus a learnable magnitude `m` (d_out,), initialised to the row norms of `base_weight`."""
 
@@ -52,8 +67,7 @@ class DoraAdapter(LoraAdapter):
     # -- the norm ---------------------------------------------------------------------------
     def weight_norm(self, base_weight: torch.Tensor) -> torch.Tensor:
         """||W0 + s B A||_c (d_out,), detached: the direct form."""
-        with torch.no_grad():
-            return torch.linalg.norm(base_weight.to(self.A.dtype) + self.scale * (self.B @ self.A), dim=1)
+        return weight_norm(base_weight, self.A, self.B, self.scale)
 
     def forward_norm(self, layer: AdapterLayer) -> torch.Tensor:
         """The norm the forward divides by, detached; W0 is the layer's base with no adapter merged."""

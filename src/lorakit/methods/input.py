@@ -17,15 +17,13 @@ KV cache, sees the adapter without knowing it exists:
   virtual positions, so logits line up with the caller's tokens).
 
 The adapters live in `model.lorakit_inputs` (a ModuleDict, so their parameters train and save like
-any other), and the hooks apply the active one, if any.
+any other; the model's `AdapterState` owns it and the hook handles), and the hooks apply the
+active one, if any.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-HOOKED = "lorakit_input_hooks"
-
 
 class InputAdapter(nn.Module):
     n_virtual: int
@@ -55,10 +53,9 @@ def _cache_length(kwargs: dict) -> int:
     return 0 if cache is None else cache.get_seq_length()
 
 
-def install(model: nn.Module, active) -> None:
-    """Hook the decoder once; `active(model)` returns the InputAdapter to apply now, or None."""
-    if model.__dict__.get(HOOKED):
-        return
+def install(model: nn.Module, active) -> tuple:
+    """Hook the decoder; `active(model)` returns the InputAdapter to apply now, or None. Returns the
+    hook handles (the caller keeps them, and removes them to uninstall)."""
     inner = decoder(model)
     state = {}
 
@@ -91,14 +88,8 @@ def install(model: nn.Module, active) -> None:
             return None
         return adapter.leave(output, state.pop("first"))
 
-    handles = (inner.register_forward_pre_hook(pre, with_kwargs=True),
-               inner.register_forward_hook(post, with_kwargs=True))
-    model.__dict__[HOOKED] = handles
-
-
-def uninstall(model: nn.Module) -> None:
-    for handle in model.__dict__.pop(HOOKED, ()):
-        handle.remove()
+    return (inner.register_forward_pre_hook(pre, with_kwargs=True),
+            inner.register_forward_hook(post, with_kwargs=True))
 
 
 def batch_size(kwargs: dict) -> int:

@@ -13,7 +13,7 @@ import transformers
 
 from ..config import LoraConfig
 from ..inject import inject, trainable_report
-from ..methods.base import linear_shape
+from ..linear import shape as linear_shape
 from ..models import EMBEDDED, TINY_FAMILIES, model_class, resolve_folder, tiny_config
 from ..targets import TargetError, kind, resolve
 from . import memory as mem

@@ -17,8 +17,8 @@ import json
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from .. import linear
 from .blockwise import BlockState
 from .nf4 import NESTED_BLOCKSIZE, NF4State, dequantize_nf4, quantize_nf4
 
@@ -57,9 +57,9 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(cls, layer: nn.Module, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.float32, name: str = "layer") -> "Linear4bit":
-        """Quantize an nn.Linear (or GPT-2's Conv1D, stored transposed) into a new Linear4bit."""
+        """Quantize a float base linear layer (nn.Linear, GPT-2's Conv1D) into a new Linear4bit."""
         with torch.no_grad():
-            w = layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+            w = linear.dense_weight(layer)                                   # (d_out, d_in)
             packed, state = quantize_nf4(w.detach().contiguous(), blocksize, double_quant, name=f"{name}.weight")
             bias = None if layer.bias is None else layer.bias.detach().clone()
         d_out, d_in = w.shape
@@ -68,7 +68,7 @@ class Linear4bit(nn.Module):
     @classmethod
     def shell(cls, layer: nn.Module, compute_dtype: torch.dtype = torch.float32) -> "Linear4bit":
         """An empty Linear4bit shaped like `layer`, to be filled by `load_state_dict`."""
-        w = layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+        w = linear.dense_weight(layer)                                       # (d_out, d_in)
         n = w.numel()
         state = NF4State(torch.zeros(-(-n // 64)), 64, w.shape, w.dtype)
         bias = None if layer.bias is None else torch.zeros_like(layer.bias)
@@ -139,6 +139,12 @@ class Linear4bit(nn.Module):
         s = self.quant_state
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nf4 blocksize={s.blocksize}, double_quant={s.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+linear.register(Linear4bit, linear.Kind(
+    shape=lambda m: (m.in_features, m.out_features), weight=lambda m: m.dequantize(),
+    write=lambda m, w: m.to_linear(w.to(m.quant_state.dtype)),        # merged weights stay float
+    stored=lambda m: m.quant_state.shape))
 
 
 def state_tensors(state: NF4State) -> dict[str, torch.Tensor]:

@@ -4,18 +4,18 @@
 blocks: never the output head, never embeddings) for `Linear4bit`. Everything else (embeddings,
 norms, the head) stays as it was; `prepare_for_training` then freezes all of it, keeps norms in
 fp32 and makes the embeddings' output require grad so gradient checkpointing works on a frozen
-base. Inject LoRA afterwards, as on any base.
+base. Inject LoRA afterwards, as on any base. Saving and loading a quantized base is `io/quantized.py`.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..linear import replace_module
+from ..state import has_adapters, state
+from ..targets import resolve
 from .linear4bit import Linear4bit
 
 QUANT_CONFIG = "quantization_config"
@@ -24,12 +24,9 @@ QUANT_CONFIG = "quantization_config"
 def quantize(model: nn.Module, targets="all-linear", blocksize: int = 64, double_quant: bool = True,
              compute_dtype: torch.dtype = torch.float32) -> list[str]:
     """Replace the `targets` linear layers of `model` by NF4 `Linear4bit`s in place; returns their names."""
-    from ..inject import configs, replace_module
-    from ..targets import resolve
-
-    if configs(model):
+    if has_adapters(model):
         raise ValueError("quantize the base before injecting adapters (this model already has "
-                         f"{sorted(configs(model))})")
+                         f"{sorted(state(model).names)})")
     names = [n for n in resolve(model, targets) if not isinstance(model.get_submodule(n), Linear4bit)]
     for name in names:
         layer = model.get_submodule(name)
@@ -67,68 +64,6 @@ def prepare_for_training(model: nn.Module) -> nn.Module:
             p.data = p.data.clone()
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
-    return model
-
-
-def save_quantized(model: nn.Module, folder: str | Path) -> Path:
-    """Write config.json (with a bitsandbytes `quantization_config`) and model.safetensors, atomically."""
-    from safetensors.torch import save_model
-
-    if not quantized_layers(model):
-        raise ValueError("save_quantized: the model has no Linear4bit layers (call quantize first)")
-    folder = Path(folder)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    old = folder.parent / f".old-{folder.name}-{os.getpid()}"
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def load_quantized(folder: str | Path, compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a quantized base written by `save_quantized` (or by transformers + bitsandbytes, nf4)."""
-    import transformers
-
-    from ..io.peft_format import read_tensors
-    from ..models import model_class
-
-    folder = Path(folder)
-    config = transformers.AutoConfig.from_pretrained(folder)
-    qc = getattr(config, QUANT_CONFIG, None)
-    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else None)
-    if not qc or qc.get("bnb_4bit_quant_type") != "nf4" or not qc.get("load_in_4bit"):
-        raise ValueError(f"{folder / 'config.json'}: no 4-bit nf4 quantization_config")
-    tensors = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(read_tensors(f))
-    if not tensors:
-        raise FileNotFoundError(f"{folder}: no .safetensors weights")
-    dtype = compute_dtype or getattr(torch, qc.get("bnb_4bit_compute_dtype", "float32"))
-    cls = model_class(config)                            # a float skeleton; every weight is replaced below
-    model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
-    quantized = sorted(k[:-len(".weight")] for k, v in tensors.items() if k.endswith(".weight") and v.dtype == torch.uint8)
-    if not quantized:
-        raise ValueError(f"{folder}: no quantized weights (no uint8 '*.weight' tensors)")
-    from ..inject import replace_module
-    for name in quantized:
-        replace_module(model, name, Linear4bit.shell(model.get_submodule(name), dtype))
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{folder / 'model.safetensors'}: {e}") from None
-    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
-    problems = [k for k in missing if k not in tied]
-    if problems or unexpected:
-        raise ValueError(f"{folder}: weights do not fit the model: missing {problems[:5]}, unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
-    model.eval()
     return model
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,12 +30,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from ..state import NAME
 from .slots import ServeHandle
 from .weights import AdapterWeights
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 MAX_PATH_BYTES, MAX_PART_BYTES = 4096, 255        # PATH_MAX and NAME_MAX on Linux
 
 
@@ -146,8 +145,8 @@ class AdapterCache:
         """Register `name` -> `lora_path` (inside the adapter root). With `load`, read it now and roll
         the registration back if it fails (the API's POST /v1/load_lora_adapter); with `check`, check
         its config and tensor header against the served model first (start-up: no weights read)."""
-        if not isinstance(name, str) or not _NAME.match(name) or name in self.reserved:
-            raise AdapterError(f"lora_name {_short(str(name))}: use 1-128 letters, digits, '.', '_' or '-'"
+        if not isinstance(name, str) or not NAME.match(name) or name in self.reserved:
+            raise AdapterError(f"lora_name {_short(str(name))}: use 1-128 letters, digits, '_' or '-'"
                                + (f", and not {sorted(self.reserved)}" if self.reserved else ""))
         path = confine(self.root, lora_path)
         if check:

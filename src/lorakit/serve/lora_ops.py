@@ -15,7 +15,7 @@ B is stored transposed so that both batched matmuls read whole contiguous rows o
 lower rank is a prefix of rows: measured on SmolLM2's MLP shapes (32 slots, r=16, 1 token each),
 the second bmm takes half the time it takes on a transposed view. The DoRA factor is a constant
 per adapter and layer at inference (W0 is frozen, the norm detached: Liu et al., 2024,
-arXiv:2402.09353, sec. 4.3), so it is computed once (`dora_factor`) when an adapter is loaded,
+arXiv:2402.09353, sec. 4.3), so it is computed once (`methods.dora.dora_factor`, DoRA's own norm) when an adapter is loaded,
 never per step; for LoRA slots g is all ones and unused. The scale stays per slot (B is kept as
 loaded) and multiplies the rank-r intermediate, the cheapest place for it.
 
@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..methods.dora import dora_factor  # noqa: F401  (part of this module's surface)
+
 # Below this many padded rows a batched matmul costs about what one small matmul call does, so
 # padding a few short groups is cheaper than looping over them.
 _FREE_PADDED_ROWS = 256
@@ -52,15 +54,6 @@ class SlotWeights:
     dora: torch.Tensor     # (S,) bool
     ranks: list[int]       # per slot, 0 = empty on this layer (the fast op trims padding with it)
     dora_slots: frozenset  # the slots where dora is True, for the fast op's Python-side decisions
-
-
-def dora_factor(w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor) -> torch.Tensor:
-    """g = m / ||W0 + s B A||_c (d_out,) for W0 (d_out, d_in): the direct norm, as DoRA's merge uses.
-    Computed where W0 is (a served base may be on a GPU), returned where A is."""
-    with torch.no_grad():
-        dev = w0.device
-        w = w0.to(A.dtype) + scale * (B.to(dev) @ A.to(dev))      # (d_out, d_in)
-        return (m.to(dev, A.dtype) / torch.linalg.norm(w, dim=1)).to(A.device)
 
 
 def _finish(rows_out: torch.Tensor, dora: torch.Tensor | None, g: torch.Tensor | None, bias) -> torch.Tensor:

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..inject import replace_module
-from ..methods.base import LINEAR_TYPES, AdapterLayer, linear_shape
+from .. import linear
+from ..linear import replace_module
+from ..methods.base import AdapterLayer
 from ..targets import linear_names, resolve
 from .lora_ops import SlotWeights, lora_grouped, lora_reference, plan_rows
-from .weights import AdapterWeights, LayerWeights, Shadow, check_served, read_adapter
+from .weights import AdapterWeights, LayerWeights, check_served, read_adapter
 
 
 class Router:
@@ -58,11 +59,11 @@ class BatchedLoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, router: Router, n_slots: int, r_max: int,
                  dtype: torch.dtype | None = None, name: str = ""):
         super().__init__()
-        if isinstance(base_layer, AdapterLayer) or not isinstance(base_layer, LINEAR_TYPES):
+        if isinstance(base_layer, AdapterLayer) or not linear.is_linear(base_layer):
             raise TypeError(f"{name or type(base_layer).__name__}: expected a plain linear layer, found "
                             f"{type(base_layer).__name__} (serve a model without lorakit adapters injected)")
         self.base_layer, self.router, self.name = base_layer, router, name
-        self.d_in, self.d_out = linear_shape(base_layer)
+        self.d_in, self.d_out = linear.shape(base_layer)
         weight = getattr(base_layer, "weight", None)            # Linear4bit keeps packed codes instead
         device = next((t.device for t in (*base_layer.parameters(), *base_layer.buffers())), None)
         if dtype is None:   # adapters stay fp32 on a half-precision or quantized base, as in training
@@ -133,10 +134,9 @@ class ServeHandle:
     """What `attach` returns: set rows per forward, write and clear slots, load folders, detach."""
 
     def __init__(self, model: nn.Module, layers: dict[str, BatchedLoraLinear], router: Router, n_slots: int,
-                 r_max: int, linears: dict[str, nn.Module], head: str | None):
+                 r_max: int):
         self.model, self.layers, self.router = model, layers, router
         self.n_slots, self.r_max = n_slots, r_max
-        self._linears, self._head = linears, head
         self.served = {name: (layer.d_in, layer.d_out) for name, layer in layers.items()}
 
     # -- per forward --------------------------------------------------------------------------
@@ -188,17 +188,13 @@ class ServeHandle:
         return sum(layer.slot_bytes() for layer in self.layers.values())
 
     # -- loading ------------------------------------------------------------------------------
-    def shadow(self) -> Shadow:
-        """A fresh stand-in of the served model for lorakit's loader (it injects into it)."""
-        return Shadow(self.model.config, self._linears, self._head)
-
     def read(self, folder: str | Path, name: str = "adapter") -> AdapterWeights:
         """A PEFT folder as CPU weights for this model (lorakit's loader, checks and messages)."""
-        return read_adapter(folder, self.shadow(), self.served, self.r_max, name)
+        return read_adapter(folder, self.model, self.served, self.r_max, name)
 
     def check(self, folder: str | Path) -> None:
         """Raise what `read` would for the folder's config, names and shapes, reading only headers."""
-        check_served(folder, self.shadow(), self.served, self.r_max, lazy=True)
+        check_served(folder, self.model, self.served, self.r_max, lazy=True)
 
     def detach(self) -> nn.Module:
         """Put the plain base layers back; the slots are dropped."""
@@ -216,15 +212,12 @@ def attach(model: nn.Module, targets="all-linear", slots: int = 8, r_max: int = 
         raise ValueError(f"slots = {slots} and r_max = {r_max} must be >= 1")
     if any(isinstance(m, (AdapterLayer, BatchedLoraLinear)) for m in model.modules()):
         raise ValueError("this model already has adapters injected or attached; serve a plain base model")
-    linears = {n: model.get_submodule(n) for n in linear_names(model)}
-    head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = next((n for n, m in linears.items() if m is head_module), None)
     chosen = resolve(model, targets)
     model.requires_grad_(False)
     router = Router()
     layers = {}
     for name in chosen:
-        layers[name] = BatchedLoraLinear(linears[name], router, slots, r_max, dtype, name)
+        layers[name] = BatchedLoraLinear(model.get_submodule(name), router, slots, r_max, dtype, name)
     for name, layer in layers.items():
         replace_module(model, name, layer)
-    return ServeHandle(model, layers, router, slots, r_max, linears, head)
+    return ServeHandle(model, layers, router, slots, r_max)

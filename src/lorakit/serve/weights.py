@@ -1,10 +1,10 @@
 """An adapter as the server holds it in RAM: per layer A, B, scale and (DoRA) the factor g.
 
 `read_adapter` checks a folder with lorakit's own loader (`check_adapter`: every check and message
-of `load_adapter`, no injection) against a shadow of the served model: containers that hold the
-served model's real linear layers under their real names, so target rules resolve exactly as on
-the model itself and nothing of the served model changes. The DoRA factor g = m / ||W0 + s B A||_c is computed here, once, on
-the loading thread; a slot write is then a plain copy.
+of `load_adapter`, no injection) against the served model itself: its slot layers count as the
+linear layers they wrap, so target rules resolve exactly as in training, and nothing of the
+served model changes. The DoRA factor g = m / ||W0 + s B A||_c (DoRA's own `dora_factor`) is
+computed here, once, on the loading thread; a slot write is then a plain copy.
 What this does not do: prompt/prefix adapters or modules_to_save (they are not per-row weights).
 """
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ..inject import adapter_layers, configs
-from ..io.peft_format import MAGNITUDE, AdapterFormatError, check_adapter, read_config
-from ..methods.dora import DoraAdapter
-from ..quant.linear4bit import Linear4bit
-from .lora_ops import dora_factor
+from ..inject import adapter_layers
+from ..io.peft_format import AdapterFormatError, check_adapter, read_config
+from ..linear import dense_weight
+from ..methods.dora import dora_factor
+from ..methods.registry import MAGNITUDE
+from ..state import state
 
 
 @dataclass
@@ -56,8 +56,7 @@ class AdapterWeights:
 
 def weights_from_model(model: nn.Module, name: str, dtype: torch.dtype | None = None) -> AdapterWeights:
     """Adapter `name` of a lorakit model (injected or loaded) as CPU tensors, g computed for DoRA."""
-    if name not in configs(model):
-        raise KeyError(f"no adapter named {name!r} (this model has {list(configs(model))})")
+    state(model).require(name)
     layers = {}
     for lname, layer in adapter_layers(model):
         adapter = layer.adapters[name] if name in layer.adapters else None
@@ -67,7 +66,7 @@ def weights_from_model(model: nn.Module, name: str, dtype: torch.dtype | None = 
         A = adapter.A.detach().to("cpu", dt).clone()
         B = adapter.B.detach().to("cpu", dt).clone()
         g = None
-        if isinstance(adapter, DoraAdapter):
+        if hasattr(adapter, "m"):                                   # DoRA's magnitude
             w0 = layer.unmerged_base_weight().to("cpu")
             g = dora_factor(w0, adapter.A.detach().cpu().float(), adapter.B.detach().cpu().float(),
                             adapter.scale, adapter.m.detach().cpu()).to(dt)
@@ -77,40 +76,21 @@ def weights_from_model(model: nn.Module, name: str, dtype: torch.dtype | None = 
     return AdapterWeights(name, layers)
 
 
-class Shadow(nn.Module):
-    """The served model's linear layers (the same objects) under their names, plus its config."""
-
-    def __init__(self, config, linears: dict[str, nn.Module], head: str | None):
-        super().__init__()
-        self.config = config
-        self._head = head
-        for full, layer in linears.items():
-            parent = self
-            *path, leaf = full.split(".")
-            for part in path:
-                if part not in parent._modules:
-                    parent.add_module(part, nn.Module())
-                parent = parent._modules[part]
-            parent.add_module(leaf, layer)
-
-    def get_output_embeddings(self):
-        return self.get_submodule(self._head) if self._head else None
-
-
-def read_adapter(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int, int]], r_max: int,
+def read_adapter(folder: str | Path, model: nn.Module, served: dict[str, tuple[int, int]], r_max: int,
                  name: str = "adapter") -> AdapterWeights:
-    """Load a PEFT folder for serving: lorakit's loader on `shadow`, then the serving limits.
+    """Load a PEFT folder for serving: lorakit's loader on the served `model`, then the serving limits.
 
     `served`: module name -> (d_in, d_out) of the layers that have slots. Raises AdapterFormatError
     (or FileNotFoundError) with the folder's problem; the caller adds the adapter's name.
     """
-    cfg, targets, found, config_path = check_served(folder, shadow, served, r_max)
+    cfg, targets, found, config_path = check_served(folder, model, served, r_max)
     layers = {}
     for t in targets:
         A, B = found[f"{t}.lora_A"].float(), found[f"{t}.lora_B"].float()     # (r, d_in), (d_out, r)
         scale, g = cfg.scale_for(t), None
         if cfg.use_dora:
-            g = dora_factor(dense_weight(shadow.get_submodule(t)), A, B, scale, found[f"{t}.{MAGNITUDE}"].float())
+            w0 = dense_weight(model.get_submodule(t).base_layer).detach().float()
+            g = dora_factor(w0, A, B, scale, found[f"{t}.{MAGNITUDE}"].float())
         layers[t] = LayerWeights(A, B, scale, g)
     weights = AdapterWeights(name, layers, Path(folder))
     everything = [t.flatten() for w in weights.layers.values() for t in (w.A, w.B, w.g) if t is not None]
@@ -121,7 +101,7 @@ def read_adapter(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int
     return weights
 
 
-def check_served(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int, int]], r_max: int,
+def check_served(folder: str | Path, model: nn.Module, served: dict[str, tuple[int, int]], r_max: int,
                  lazy: bool = False):
     """Every check of `read_adapter` that needs no weight values: method, targets, names, shapes, the
     serving limits. `lazy`: read only the file's header (start-up checks a thousand folders this way).
@@ -133,7 +113,7 @@ def check_served(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int
     if raw.get("modules_to_save"):
         raise AdapterFormatError(f"{config_path}: modules_to_save {raw['modules_to_save']} cannot be served per row "
                                  "(they are whole copies of a module, not low-rank updates)")
-    cfg, targets, _, found = check_adapter(shadow, folder, lazy)   # no injection: no modules built, no init
+    cfg, targets, _, found = check_adapter(model, folder, lazy)   # no injection: no modules built, no init
     outside = [m for m in targets if m not in served]
     if outside:
         raise AdapterFormatError(f"{config_path}: targets modules this server has no slots for: "
@@ -142,15 +122,6 @@ def check_served(folder: str | Path, shadow: Shadow, served: dict[str, tuple[int
     if max(ranks.values(), default=0) > r_max:
         raise AdapterFormatError(f"{config_path}: rank {max(ranks.values())} is above the server's r_max = {r_max}")
     return cfg, targets, found, config_path
-
-
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """A base linear layer's weight as a float (d_out, d_in) tensor (dequantized, Conv1D transposed)."""
-    with torch.no_grad():
-        if isinstance(layer, Linear4bit):
-            return layer.dequantize().float()
-        w = layer.weight.detach().float()
-        return w.T if isinstance(layer, Conv1D) else w
 
 
 def _kinds(served) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io.atomic import atomic_path
+from ..atomic import atomic_path
 
 MARKERS = "osD^vP*Xh<>"
 

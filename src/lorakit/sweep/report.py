@@ -18,7 +18,7 @@ from ..config import LoraConfig, PromptTuningConfig
 from ..evaluate.regression import RegressionResult
 from ..evaluate.report import Thresholds, verdict, write_report
 from ..evaluate.task import TaskResult
-from ..io.atomic import write_text
+from ..atomic import write_text
 from ..training.trainer import TrainConfig
 
 # rule -> the verdicts it admits

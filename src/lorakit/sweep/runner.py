@@ -31,7 +31,7 @@ from ..evaluate.regression import GENERAL_PROMPTS, general_text, regression_eval
 from ..evaluate.report import Thresholds
 from ..evaluate.task import TaskResult, task_eval
 from ..inject import disabled, trainable_report
-from ..io.atomic import write_text
+from ..atomic import write_text
 from ..models import load_base, resolve_device
 from ..training import checkpoint
 from ..training.data import read_rows

@@ -4,13 +4,12 @@ Layout of `OUT/checkpoints/step-000040/`:
   adapter/ (or model/)         the adapter, PEFT format, or for full fine-tuning the whole model
   trainer_state.safetensors    optimizer moments by parameter name, RNG states
   trainer_state.json           step, data position, configs, Python RNG state
-A folder named `step-*` is complete by construction; `.tmp-*` folders are leftovers of a killed
-write and are ignored (and removed on the next save). Only safetensors and JSON are read back.
+A folder named `step-*` is complete by construction (`atomic_folder`); `.step-*.tmp` folders are
+leftovers of a killed write and are ignored (and removed on the next save). Only safetensors and JSON are read back.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import atomic_folder, stale_temporaries
 from ..io.peft_format import read_tensors
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -42,30 +42,22 @@ def latest(path: str | Path) -> Path | None:
 def save(out: str | Path, step: int, model: nn.Module, weights, optimizer: torch.optim.Optimizer,
          param_names: dict[nn.Parameter, str], state: dict, keep: int = 2) -> Path:
     root = checkpoint_root(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
+    for stale in stale_temporaries(root) if root.is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    weights.save(model, tmp / weights.folder)
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    for p, st in optimizer.state.items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{param_names[p]}.{key}"] = value.detach().cpu().contiguous()
-    save_file(tensors, str(tmp / STATE_TENSORS))
-    py_state = random.getstate()
-    payload = dict(state, step=step, python_rng=[py_state[0], list(py_state[1]), py_state[2]])
-    (tmp / STATE_JSON).write_text(json.dumps(payload, indent=1))
-    for f in (tmp / weights.folder).iterdir():
-        _fsync(f)
-    _fsync(tmp / STATE_TENSORS)
-    _fsync(tmp / STATE_JSON)
-    if final.exists():            # a re-run of the same step: replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)         # the commit point
+    with atomic_folder(final) as tmp:       # a re-run of the same step replaces it
+        weights.save(model, tmp / weights.folder)
+        tensors = {"rng.torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        for p, st in optimizer.state.items():
+            for key, value in st.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{param_names[p]}.{key}"] = value.detach().cpu().contiguous()
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        py_state = random.getstate()
+        payload = dict(state, step=step, python_rng=[py_state[0], list(py_state[1]), py_state[2]])
+        (tmp / STATE_JSON).write_text(json.dumps(payload, indent=1))
     if keep:
         older = sorted(p for p in root.glob("step-*") if p != final)
         for old in older[: max(0, len(older) - (keep - 1))]:
@@ -92,7 +84,3 @@ def load(path: Path, optimizer: torch.optim.Optimizer, params_by_name: dict[str,
     random.setstate((version, tuple(internal), gauss))
     return state
 
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

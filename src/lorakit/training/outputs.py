@@ -6,12 +6,11 @@ trained: `folder` (the name inside a run or checkpoint folder), `save(model, pat
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from torch import nn
 
+from ..atomic import atomic_folder
 from ..io.peft_format import load_adapter, read_tensors, save_adapter
 
 
@@ -38,19 +37,10 @@ class ModelWeights:
 
     def save(self, model: nn.Module, path: Path) -> Path:
         path = Path(path)
-        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)                # safetensors; tied weights stored once
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = path.parent / f".old-{path.name}-{os.getpid()}"
-        if path.exists():
-            os.rename(path, old)
-        os.rename(tmp, path)                      # the commit point
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(path) as tmp:
+            model.save_pretrained(tmp)            # safetensors; tied weights stored once
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
         return path
 
     def load(self, model: nn.Module, path: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from ..config import FullConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..inject import inject, trainable_report
-from ..io.atomic import write_text
+from ..atomic import write_text
 from ..models import load_base, resolve_device
 from ..optim import state_bytes
 from ..quant import prepare_for_training, quantize

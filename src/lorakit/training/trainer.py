@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io.atomic import write_text
+from ..atomic import write_text
 from . import checkpoint, distributed
 from .data import IGNORE, Dataset, collate, collate_packed, pack
 from ..optim import AdamW8bit
