@@ -25,8 +25,8 @@ import torch
 
 from lorakit.cli import main
 from lorakit.datasets import carrier
-from lorakit.datasets.prose import docstring_prose
 from lorakit.datasets.replay import replay_rows
+from lorakit.evaluate.prose import docstring_prose
 from lorakit.atomic import write_text
 from lorakit.models import EMBEDDED, load_base
 

@@ -13,8 +13,12 @@ from typing import Union
 Targets = Union[str, list]
 
 
-def _doc(text: str, **kw) -> dict:
+def doc(text: str, **kw) -> dict:
+    """A field's `help` (and CLI `aliases`): its one piece of documentation, read by `cli/args.py`."""
     return {"help": text, **kw}
+
+
+_doc = doc
 
 
 @dataclass
@@ -133,7 +137,8 @@ class FullConfig:
 class PromptTuningConfig:
     """Prompt tuning: learned virtual-token embeddings before the input (Lester et al., 2021, arXiv:2104.08691)."""
 
-    num_virtual_tokens: int = field(default=20, metadata=_doc("virtual tokens (prompt and prefix tuning)"))
+    num_virtual_tokens: int = field(default=20, metadata=_doc("virtual tokens (prompt and prefix tuning)",
+                                                              aliases=["--virtual-tokens"]))
     prompt_init: str = field(default="random", metadata=_doc(
         "prompt embeddings' init: random (N(0,1), as peft), vocab (sampled token embeddings) or text"))
     init_text: str = field(default=None, metadata=_doc("text whose token embeddings start the prompt (prompt_init=text)"))
@@ -153,7 +158,8 @@ class PromptTuningConfig:
 class PrefixTuningConfig:
     """Prefix tuning: learned keys and values at every attention layer (Li & Liang, 2021, arXiv:2101.00190)."""
 
-    num_virtual_tokens: int = field(default=20, metadata=_doc("virtual tokens (prompt and prefix tuning)"))
+    num_virtual_tokens: int = field(default=20, metadata=_doc("virtual tokens (prompt and prefix tuning)",
+                                                              aliases=["--virtual-tokens"]))
     projection: int = field(default=0, metadata=_doc(
         "hidden size of the reparameterisation MLP that produces the prefix while training (0: none)"))
     prefix_init: str = field(default="random", metadata=_doc(

@@ -14,7 +14,7 @@ from collections import Counter
 
 from torch import nn
 
-from . import linear
+from . import families, linear
 
 # Each family's presets as full-match regexes over module names.
 _LLAMA = {
@@ -33,11 +33,6 @@ _BERT = {
     "mlp": r".*\.layer\.\d+\.(intermediate|output)\.dense",
 }
 FAMILIES = {"llama": _LLAMA, "gpt2": _GPT2, "bert": _BERT}
-MODEL_TYPES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "olmo": "llama", "olmo2": "llama", "granite": "llama", "smollm3": "llama",
-    "gpt2": "gpt2", "bert": "bert", "roberta": "bert", "xlm-roberta": "bert",
-}
 PRESETS = ("qv", "attention", "mlp", "all-linear")
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # "model.layers.3.self_attn.q_proj" -> ("model.layers", "3", "self_attn.q_proj")
 
@@ -47,8 +42,8 @@ class TargetError(ValueError):
 
 
 def family(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return MODEL_TYPES.get(getattr(config, "model_type", None))
+    """The preset table this model's projections follow (`families.MODEL_TYPES`), or None."""
+    return families.presets(getattr(model, "config", None))
 
 
 def _wrapped(module: nn.Module) -> bool:

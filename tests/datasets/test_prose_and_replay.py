@@ -1,6 +1,6 @@
 import lorakit as lk
-from lorakit.datasets.prose import docstring_prose
 from lorakit.datasets.replay import REPLAY_PROMPTS, _whole_sentences, replay_rows
+from lorakit.evaluate.prose import docstring_prose
 from lorakit.evaluate.regression import GENERAL_PROMPTS, general_text
 from lorakit.models import tiny_tokenizer
 

@@ -6,7 +6,8 @@ import pytest
 import lorakit as lk
 from lorakit.cli import main
 from lorakit.models import tiny_model
-from lorakit.plan import plan_model
+from lorakit.config import FullConfig
+from lorakit.plan import PlanConfig, plan_model
 from lorakit.targets import PRESETS
 
 
@@ -71,7 +72,7 @@ def test_tenants(capsys):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "bert"])
 def test_planned_trainable_equals_the_real_injected_model(family):
     for preset in PRESETS:
-        planned = plan_model(f"tiny-{family}", r=4, targets=preset)["parameters"]["trainable"]
+        planned = plan_model(f"tiny-{family}", lk.LoraConfig(r=4, targets=preset))["parameters"]["trainable"]
         real = lk.inject(tiny_model(family), lk.LoraConfig(r=4, targets=preset))
         assert planned == lk.trainable_report(real).trainable, (family, preset)
 
@@ -114,7 +115,7 @@ def test_config_without_dimensions(capsys, tmp_path):
 def test_embedded_plan_matches_trainable_report(embedded_folder):
     model, _ = lk.load_base("smollm2-135m-instruct")
     for preset in PRESETS:
-        planned = plan_model("smollm2-135m-instruct", r=16, targets=preset)["parameters"]["trainable"]
+        planned = plan_model("smollm2-135m-instruct", lk.LoraConfig(r=16, targets=preset))["parameters"]["trainable"]
         lk.inject(model, lk.LoraConfig(r=16, targets=preset), name=preset.replace("-", "_"))
         lk.set_active(model, preset.replace("-", "_"))
         assert planned == lk.trainable_report(model).trainable, preset
@@ -126,17 +127,17 @@ def _lines(plan):
 
 def test_peak_overlaps_gradients_with_activations():
     """One micro-batch: backward frees activations as it writes gradients, the head's first."""
-    kw = dict(method="full", recipe="fp32", frozen_bytes=4, activation_bytes=4, seq_len=128, micro_batch=4)
-    one = plan_model("tiny-llama", **kw)
+    kw = dict(recipe="fp32", dtype="float32", seq_len=128, micro_batch=4)       # fp32 weights and activations
+    one = plan_model("tiny-llama", FullConfig(), PlanConfig(**kw))
     c, head = _lines(one), one["memory"]["head_gradient_bytes"]
     total = one["parameters"]["total"]
     assert head == 288 * 32 * 4                         # vocab x hidden x fp32 (tiny llama's head is untied)
     assert c["activations"] == 2 * 512 * (9 * 32 + 4 * 16 + 4 * 64) * 4
     assert one["memory"]["total_bytes"] == 4 * total + 8 * total + max(4 * total, c["activations"] + head)
     assert one["memory"]["sum_bytes"] == 16 * total + c["activations"]
-    acc = plan_model("tiny-llama", **kw, grad_accum=2)   # earlier micro-batches' gradients live on
+    acc = plan_model("tiny-llama", FullConfig(), PlanConfig(**kw, grad_accum=2))   # earlier micro-batches' gradients live on
     assert acc["memory"]["total_bytes"] == acc["memory"]["sum_bytes"] == 16 * total + c["activations"]
-    lora = plan_model("tiny-llama", **{**kw, "method": "lora"})
+    lora = plan_model("tiny-llama", lk.LoraConfig(), PlanConfig(**kw))
     cl = _lines(lora)
     assert lora["memory"]["head_gradient_bytes"] == 0 and cl["activations"] == 2 * 512 * (7 * 32 + 4 * 16 + 4 * 64) * 4
     assert lora["memory"]["total_bytes"] == cl["frozen weights"] + cl["adapter weights"] + cl["adapter optimizer"] \
@@ -144,8 +145,8 @@ def test_peak_overlaps_gradients_with_activations():
 
 
 def test_checkpointing_keeps_layer_inputs_and_one_recomputed_layer():
-    kw = dict(method="lora", recipe="fp32", frozen_bytes=4, activation_bytes=4, seq_len=128, micro_batch=4)
-    ck = _lines(plan_model("tiny-llama", **kw, grad_checkpointing=True))
+    kw = dict(recipe="fp32", dtype="float32", seq_len=128, micro_batch=4)
+    ck = _lines(plan_model("tiny-llama", lk.LoraConfig(), PlanConfig(**kw, grad_checkpointing=True)))
     assert ck["activations"] == 2 * 512 * 32 * 4 + 512 * (7 * 32 + 4 * 16 + 4 * 64) * 4
 
 
@@ -156,7 +157,6 @@ def test_checkpointing_keeps_layer_inputs_and_one_recomputed_layer():
                                             ("prefix-mlp", lambda: lk.PrefixTuningConfig(num_virtual_tokens=7,
                                                                                          projection=12))])
 def test_planned_input_adapter_counts_equal_the_real_injected_model(family, method, config):
-    planned = plan_model(f"tiny-{family}", method=method.split("-")[0], virtual_tokens=7,
-                         projection=12 if method == "prefix-mlp" else 0)["parameters"]["trainable"]
+    planned = plan_model(f"tiny-{family}", config())["parameters"]["trainable"]
     real = lk.inject(tiny_model(family), config())
     assert planned == lk.trainable_report(real).trainable > 0

@@ -26,10 +26,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from ..methods import registry
 from ..datasets import carrier
-from ..datasets.prose import docstring_prose
 from ..datasets.replay import replay_rows
+from ..evaluate.prose import docstring_prose
 from ..evaluate.regression import regression_eval
 from ..evaluate.report import Thresholds, verdict, write_report
 from ..evaluate.task import task_eval
@@ -47,13 +47,13 @@ from ..training.trainer import TrainConfig
 # perplexity x4 (prefix) on this task (BENCHMARKS.md).
 INIT_TEXT = "You are a support assistant. Read the ticket and answer with the code of the queue it goes to."
 # method -> (adapter config, default learning rate, what the console says)
+# The demo's recipe per method (registry name -> config values, peak lr, what the console says).
 METHODS = {
-    "lora": (lambda: LoraConfig(r=16, alpha=32, targets="all-linear"), 2e-3, "LoRA r=16, alpha=32, all-linear"),
-    "dora": (lambda: LoraConfig(r=16, alpha=32, targets="all-linear", use_dora=True), 2e-3,
-             "DoRA r=16, alpha=32, all-linear"),
-    "prompt": (lambda: PromptTuningConfig(num_virtual_tokens=20, prompt_init="text", init_text=INIT_TEXT), 3e-2,
+    "lora": (dict(r=16, alpha=32, targets="all-linear"), 2e-3, "LoRA r=16, alpha=32, all-linear"),
+    "dora": (dict(r=16, alpha=32, targets="all-linear"), 2e-3, "DoRA r=16, alpha=32, all-linear"),
+    "prompt": (dict(num_virtual_tokens=20, prompt_init="text", init_text=INIT_TEXT), 3e-2,
                "prompt tuning, 20 virtual tokens from a task description"),
-    "prefix": (lambda: PrefixTuningConfig(num_virtual_tokens=20, prefix_init="text", prefix_text=INIT_TEXT), 1e-2,
+    "prefix": (dict(num_virtual_tokens=20, prefix_init="text", prefix_text=INIT_TEXT), 1e-2,
                "prefix tuning, 20 virtual tokens from a task description"),
 }
 
@@ -110,26 +110,7 @@ def run(args) -> int:
     console.print("[bold]1/4 base model on held-out tickets[/]")
     before = task_eval(model, tokenizer, heldout, max_new_tokens=8)
 
-    train_path = paths["train"]
-    kl = 0.0 if args.no_guards else args.kl_base
-    if not args.no_guards:
-        console.print("[bold]   guards[/]: rehearsal rows (the base's own answers to general prompts) and "
-                      "general prose for the KL-to-base penalty")
-        rehearsal = replay_rows(model, tokenizer) + [{"text": p} for p in docstring_prose(100)]
-        train_path = paths["train"].parent / "train_with_guards.jsonl"
-        rows = paths["train"].read_text().splitlines() + [json.dumps(r) for r in rehearsal]
-        random.Random(args.seed).shuffle(rows)
-        write_text(train_path, "\n".join(rows) + "\n")
-    make_config, default_lr, what = METHODS[args.method]
-    lr = args.lr or default_lr * (QLORA_LR_FACTOR.get(args.method, 1.0) if args.quantize else 1.0)
-    console.print(f"[bold]2/4 training[/] ({what}, lr {lr:g}, bf16 autocast, KL-to-base {kl}"
-                  f"{', NF4 base (QLoRA)' if args.quantize else ''})")
-    cfg = TrainConfig(model=args.model, data=str(train_path), out=str(out / "run"), steps=args.steps,
-                      batch_size=8, lr=lr, warmup=0.1, bf16=True, seed=args.seed, kl_base=kl, quantize=args.quantize,
-                      method=args.method)
-    summary = train_model(model, tokenizer, cfg, make_config())
-    console.print("   " + str(trainable_report(model)).splitlines()[-1])
-
+    summary = _train(console, args, model, tokenizer, paths["train"], out)
     console.print("[bold]3/4 adapted model on the same held-out tickets[/]")
     after = task_eval(model, tokenizer, heldout, max_new_tokens=8)
     console.print("[bold]4/4 regression: general prose perplexity and general prompts, adapter off vs on[/]")
@@ -141,18 +122,8 @@ def run(args) -> int:
             "train_seconds": round(summary["seconds"], 1), "peak_memory_mb": round(
                 summary["peak_memory"]["peak_above_baseline_bytes"] / 2**20)}
     md, js = write_report(out / "run", before, after, regression, thresholds, meta)
-
     console.print(_side_by_side(before, after, heldout))
-    t = Table(title="Result")
-    for col in ("", "base", "adapted"):
-        t.add_column(col)
-    t.add_row("held-out routing accuracy (95% CI)", f"{before.accuracy:.1%} [{before.low:.0%}, {before.high:.0%}]",
-              f"{after.accuracy:.1%} [{after.low:.0%}, {after.high:.0%}]")
-    t.add_row("general-prose perplexity", f"{regression.ppl_off:.3f}", f"{regression.ppl_on:.3f} ({regression.ppl_change:+.2%})")
-    t.add_row(f"general prompts kept (similarity >= {thresholds.similar_at})", "", f"{decision['agreement']:.0%}")
-    console.print(t)
-    color = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}[decision["verdict"]]
-    console.print(f"verdict: [bold {color}]{decision['verdict']}[/]" + "".join(f"\n  - {r}" for r in decision["reasons"]))
+    _print_result(console, before, after, regression, thresholds, decision)
     console.print(f"adapter: {summary['adapter']}\nreport:  {md} and {js.name}\n"
                   f"metrics: {out / 'run' / 'metrics.jsonl'}, loss curve: {out / 'run' / 'loss.png'}\n"
                   f"train: {summary['seconds']:.0f} s, peak memory {meta['peak_memory_mb']} MB above baseline; "
@@ -163,6 +134,42 @@ def run(args) -> int:
         del model                                                     # the server loads its own base
         _serve(console, args.model, Path(summary["adapter"]), out / "adapters", heldout)
     return 0 if decision["verdict"] != "FAIL" else 1
+
+
+def _train(console: Console, args, model, tokenizer, train_path: Path, out: Path) -> dict:
+    """Step 2: the guards' rows mixed into the tickets (unless --no-guards), then the method's run."""
+    kl = 0.0 if args.no_guards else args.kl_base
+    if not args.no_guards:
+        console.print("[bold]   guards[/]: rehearsal rows (the base's own answers to general prompts) and "
+                      "general prose for the KL-to-base penalty")
+        rehearsal = replay_rows(model, tokenizer) + [{"text": p} for p in docstring_prose(100)]
+        rows = train_path.read_text().splitlines() + [json.dumps(r) for r in rehearsal]
+        random.Random(args.seed).shuffle(rows)
+        train_path = train_path.parent / "train_with_guards.jsonl"
+        write_text(train_path, "\n".join(rows) + "\n")
+    values, default_lr, what = METHODS[args.method]
+    lr = args.lr or default_lr * (QLORA_LR_FACTOR.get(args.method, 1.0) if args.quantize else 1.0)
+    console.print(f"[bold]2/4 training[/] ({what}, lr {lr:g}, bf16 autocast, KL-to-base {kl}"
+                  f"{', NF4 base (QLoRA)' if args.quantize else ''})")
+    cfg = TrainConfig(model=args.model, data=str(train_path), out=str(out / "run"), steps=args.steps,
+                      batch_size=8, lr=lr, warmup=0.1, bf16=True, seed=args.seed, kl_base=kl, quantize=args.quantize,
+                      method=args.method)
+    summary = train_model(model, tokenizer, cfg, registry.get(args.method).make(**values))
+    console.print("   " + str(trainable_report(model)).splitlines()[-1])
+    return summary
+
+
+def _print_result(console: Console, before, after, regression, thresholds, decision) -> None:
+    t = Table(title="Result")
+    for col in ("", "base", "adapted"):
+        t.add_column(col)
+    t.add_row("held-out routing accuracy (95% CI)", f"{before.accuracy:.1%} [{before.low:.0%}, {before.high:.0%}]",
+              f"{after.accuracy:.1%} [{after.low:.0%}, {after.high:.0%}]")
+    t.add_row("general-prose perplexity", f"{regression.ppl_off:.3f}", f"{regression.ppl_on:.3f} ({regression.ppl_change:+.2%})")
+    t.add_row(f"general prompts kept (similarity >= {thresholds.similar_at})", "", f"{decision['agreement']:.0%}")
+    console.print(t)
+    color = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}[decision["verdict"]]
+    console.print(f"verdict: [bold {color}]{decision['verdict']}[/]" + "".join(f"\n  - {r}" for r in decision["reasons"]))
 
 
 def _serve(console: Console, model: str, adapter: Path, root: Path, heldout: list[dict]) -> None:

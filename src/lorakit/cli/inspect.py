@@ -11,30 +11,24 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..inject import inject, trainable_report
 from ..linear import shape as linear_shape
+from ..methods import registry
 from ..models import load_base
 from ..targets import family, kind, linear_names, preset_matches
-from .args import add_config_args, config_from_args
+from .args import add_method_args, method_from_args
 
 
 def register(p):
     p.add_argument("model", help="smollm2-135m-instruct, a .gguf file, a transformers folder, or tiny-{llama,qwen2,gpt2,bert}")
-    p.add_argument("--method", default="lora", choices=["lora", "dora", "prompt", "prefix"],
+    p.add_argument("--method", default="lora", choices=[m for m, v in registry.METHODS.items() if v.family != "full"],
                    help="which adapter's trainable parameters to report (default: lora)")
-    add_config_args(p, LoraConfig, only=["r", "alpha", "targets", "exclude", "use_rslora"])
-    add_config_args(p, PrefixTuningConfig)
+    add_method_args(p, only=["r", "alpha", "targets", "exclude", "use_rslora", "num_virtual_tokens", "projection"])
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
 def method_config(args):
-    if args.method in ("prompt", "prefix"):
-        kw = {"num_virtual_tokens": args.num_virtual_tokens} if args.num_virtual_tokens else {}
-        if args.method == "prefix" and args.projection is not None:
-            kw["projection"] = args.projection
-        return (PromptTuningConfig if args.method == "prompt" else PrefixTuningConfig)(**kw)
-    return config_from_args(LoraConfig, args, **({"use_dora": True} if args.method == "dora" else {}))
+    return method_from_args(args.method, args)
 
 
 def inspect_model(model, config) -> dict:

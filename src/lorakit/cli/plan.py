@@ -12,32 +12,21 @@ import re
 from rich.console import Console
 from rich.table import Table
 
+from ..config import LoraConfig
 from ..plan import memory as mem
-from ..plan.report import plan_model, plan_params
+from ..plan.report import PlanConfig, plan_model, plan_params
+from .args import add_config_args, add_method_args, config_from_args, method_from_args
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PLAN_ONLY = "qlora"      # a method for the arithmetic only: LoRA on a 4-bit base (train it with --quantize)
 
 
 def register(p):
     p.add_argument("model", nargs="?", help="smollm2-135m-instruct, a .gguf file, a transformers folder, or tiny-<family>")
     p.add_argument("--params", help="plan from a parameter count alone, e.g. 70B or 65B (the headline tables)")
     p.add_argument("--matrix", help="one projection, D_INxD_OUT (e.g. 4096x4096)")
-    p.add_argument("--rank", "--r", dest="rank", type=int, default=16, help="LoRA rank (default: 16)")
-    p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default: 32)")
-    p.add_argument("--targets", default="all-linear", help="preset, comma list or regex (default: all-linear)")
     p.add_argument("--method", default="lora", choices=mem.METHODS)
-    p.add_argument("--virtual-tokens", type=int, default=20, help="prompt/prefix tuning: virtual tokens (default: 20)")
-    p.add_argument("--projection", type=int, default=0, help="prefix tuning: reparameterisation MLP width (0: none)")
-    p.add_argument("--recipe", default="12-byte", choices=sorted(mem.RECIPES))
-    p.add_argument("--optimizer", default="adamw", choices=mem.OPTIMIZERS,
-                   help="adamw (8 B/param of state) or adamw8bit (~2 B/param, blockwise 8-bit moments)")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="storage of frozen weights and activations")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (gradients then "
-                   "live through the forward; default: 1)")
-    p.add_argument("--no-double-quant", action="store_true", help="QLoRA constants as plain fp32 absmax per 64-block")
+    add_method_args(p, only=["r", "alpha", "targets", "exclude", "num_virtual_tokens", "projection"])
+    add_config_args(p, PlanConfig, skip={"quantize"})            # --method qlora says it
     p.add_argument("--tenants", type=int, help="multi-tenant storage for N adapters")
     p.add_argument("--base-gb", type=float, help="base checkpoint size for --tenants (default: from the model)")
     p.add_argument("--adapter-mb", type=float, help="adapter size for --tenants (default: from the plan)")
@@ -45,28 +34,22 @@ def register(p):
 
 
 def build(args) -> dict:
-    if args.rank < 1:
-        raise ValueError(f"--rank {args.rank}: expected an integer >= 1")
-    if args.grad_accum < 1:
-        raise ValueError(f"--grad-accum {args.grad_accum}: expected an integer >= 1")
+    run = config_from_args(PlanConfig, args, quantize=args.method == PLAN_ONLY)
+    method_cfg = method_from_args("lora" if args.method == PLAN_ONLY else args.method, args)
     out: dict = {}
     if args.params:
-        out["headline"] = plan_params(mem.parse_count(args.params), args.recipe, not args.no_double_quant)
+        out["headline"] = plan_params(mem.parse_count(args.params), run.recipe, run.double_quant)
     if args.matrix:
         m = re.fullmatch(r"(\d+)x(\d+)", args.matrix)
         if not m:
             raise ValueError(f"--matrix {args.matrix!r}: expected D_INxD_OUT, e.g. 4096x4096")
-        out["matrix"] = mem.matrix_plan(int(m[1]), int(m[2]), args.rank, args.method)
+        r = method_cfg.r if isinstance(method_cfg, LoraConfig) else LoraConfig().r
+        out["matrix"] = mem.matrix_plan(int(m[1]), int(m[2]), r, args.method)
     if args.model:
-        targets = [t for t in args.targets.split(",") if t] if "," in args.targets else args.targets
-        out["model"] = plan_model(args.model, args.rank, args.alpha, targets, args.method, args.recipe,
-                                  DTYPE_BYTES[args.dtype], args.seq_len, args.micro_batch, args.grad_checkpointing,
-                                  DTYPE_BYTES[args.dtype], not args.no_double_quant, grad_accum=args.grad_accum,
-                                  optimizer=args.optimizer, virtual_tokens=args.virtual_tokens,
-                                  projection=args.projection)
+        out["model"] = plan_model(args.model, method_cfg, run)
     if args.tenants:
         base_gb = args.base_gb if args.base_gb is not None else \
-            (out["model"]["parameters"]["total"] * DTYPE_BYTES[args.dtype] / mem.GB if "model" in out else None)
+            (out["model"]["parameters"]["total"] * run.frozen_bytes / mem.GB if "model" in out else None)
         adapter_mb = args.adapter_mb if args.adapter_mb is not None else \
             (out["model"]["adapter_file_bytes"] / 2**20 if "model" in out else None)
         if base_gb is None or adapter_mb is None:

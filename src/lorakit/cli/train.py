@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import json
 
-from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from ..methods import registry
 from ..training.run import train
 from ..training.trainer import TrainConfig
-from .args import add_config_args, config_values
+from .args import add_config_args, add_method_args, config_values
 
 
 def register(p):
     add_config_args(p, TrainConfig)
-    add_config_args(p, LoraConfig)
-    add_config_args(p, PromptTuningConfig)
-    add_config_args(p, PrefixTuningConfig, only=["projection"])     # num_virtual_tokens: added just above
+    add_method_args(p)
 
 
 def run(args) -> int:
-    values = {**config_values(TrainConfig, args), **config_values(LoraConfig, args),
-              **config_values(PromptTuningConfig, args), **config_values(PrefixTuningConfig, args)}
+    values = config_values(TrainConfig, args)
+    for method in registry.METHODS.values():
+        values.update(config_values(method.config, args))
     summary = train(**values)
     keys = ("weights", "steps", "final_loss", "eval_loss", "seconds", "tokens_per_s", "trainable_params")
     print(json.dumps({k: summary[k] for k in keys} | {"peak_memory_mb": summary["peak_memory"]["peak_above_baseline_bytes"] / 2**20}, indent=2))

@@ -7,6 +7,9 @@ regression evaluation's prompts (`lorakit.evaluate.regression.GENERAL_PROMPTS`).
 """
 from __future__ import annotations
 
+from ..evaluate.regression import render_chat
+from ..evaluate.task import generate
+
 REPLAY_PROMPTS = [
     "What is the largest ocean on Earth?", "How many days are in a leap year?", "Who wrote Romeo and Juliet?",
     "What is the boiling point of water in Celsius?", "Name a mammal that can fly.", "What is 12 plus 15?",
@@ -34,9 +37,6 @@ REPLAY_PROMPTS = [
 
 def replay_rows(model, tokenizer, n: int | None = None, max_new_tokens: int = 48, progress: bool = True) -> list[dict]:
     """`messages` rows pairing each general prompt with the base model's own greedy answer."""
-    from ..evaluate.regression import render_chat
-    from ..evaluate.task import generate
-
     prompts = REPLAY_PROMPTS[:n] if n else REPLAY_PROMPTS
     answers = generate(model, tokenizer, [render_chat(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens,
                        batch_size=32, progress=progress)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..datasets.prose import passages, prose_paragraphs
 from ..inject import disabled
+from .prose import passages, prose_paragraphs
 from .task import generate, inference
 
 GENERAL_PROMPTS = [

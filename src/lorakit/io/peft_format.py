@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -251,47 +252,25 @@ def _new_name(model: nn.Module, name: str) -> None:
         raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
 
 
-def check_adapter(model: nn.Module, directory: str | Path, lazy: bool = False):
-    """Read a PEFT LoRA folder and check it against `model`, changing nothing: (LoraConfig, target module
-    names, modules_to_save names, tensors keyed "<module>.lora_A" / ".lora_B" / ".lora_magnitude_vector"
-    / "<saved module>.<key>"). Every problem raises AdapterFormatError naming the file and the tensors.
-    `lazy`: the tensors are meta tensors from the file's header (names and shapes checked, nothing read)."""
+@dataclass
+class AdapterFolder:
+    """A PEFT LoRA folder as read, before any model is involved."""
+
+    config: LoraConfig
+    raw: dict                              # adapter_config.json as written
+    config_path: Path
+    weights_path: Path
+    tensors: dict[str, torch.Tensor]       # "<module>.lora_A" / ".lora_B" / ".lora_magnitude_vector" / "<saved>.<key>"
+
+
+def read_folder(directory: str | Path, lazy: bool = False) -> AdapterFolder:
+    """Read and check a PEFT LoRA folder on its own: config, tensor names normalised (adapter names and
+    `.weight` suffixes dropped). `lazy`: meta tensors from the file's header, nothing read."""
     raw, config_path = read_config(directory)
     cfg = config_from_peft(raw, config_path)
     weights_path = Path(directory) / WEIGHTS_NAME
-    tensors = read_tensors(weights_path, lazy)
-
-    theirs, ours = raw.get("base_model_name_or_path"), base_model_name(model)
-    if theirs and ours and Path(str(theirs)).name != Path(str(ours)).name:
-        warnings.warn(f"{config_path} was trained on base model {theirs!r}, but it is being loaded into {ours!r}",
-                      stacklevel=2)
-    try:
-        targets = resolve(model, cfg.targets, cfg.exclude, what=f"{config_path}: target_modules")
-        saved = resolve_modules_to_save(model, cfg.modules_to_save or [])
-    except TargetError as e:
-        raise AdapterFormatError(str(e)) from None
-
-    expected: dict[str, tuple] = {}
-    for t in targets:
-        layer = model.get_submodule(t)
-        layer = getattr(layer, "base_layer", layer)
-        d_in, d_out = linear_shape(layer)
-        r = cfg.rank_for(t)
-        expected[f"{t}.lora_A"] = (r, d_in)
-        expected[f"{t}.lora_B"] = (d_out, r)
-        if cfg.use_dora:
-            expected[f"{t}.{MAGNITUDE}"] = (d_out,)
-        if isinstance(layer, nn.Linear) and raw.get("fan_in_fan_out"):
-            warnings.warn(f"{config_path}: fan_in_fan_out is true but {t} is an nn.Linear; using the layer's own layout",
-                          stacklevel=2)
-    for s in saved:
-        module = model.get_submodule(s)
-        module = getattr(module, "original", module)
-        for key, value in module.state_dict().items():
-            expected[f"{s}.{key}"] = tuple(value.shape)
-
     found: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
+    for key, value in read_tensors(weights_path, lazy).items():
         short = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if ".lora_embedding_" in short:
             raise AdapterFormatError(f"{weights_path}: tensor {key} belongs to a feature lorakit does not support "
@@ -304,6 +283,24 @@ def check_adapter(model: nn.Module, directory: str | Path, lazy: bool = False):
             continue
         m = _LORA_KEY.match(short)
         found[f"{m['module']}.lora_{m['ab']}" if m else short] = value
+    return AdapterFolder(cfg, raw, config_path, weights_path, found)
+
+
+def match_adapter(model: nn.Module, folder: AdapterFolder) -> tuple[list[str], list[str]]:
+    """Match a read folder to `model`, changing nothing: (target module names, modules_to_save names).
+    Every problem raises AdapterFormatError naming the file and the tensors."""
+    cfg, config_path, weights_path = folder.config, folder.config_path, folder.weights_path
+    theirs, ours = folder.raw.get("base_model_name_or_path"), base_model_name(model)
+    if theirs and ours and Path(str(theirs)).name != Path(str(ours)).name:
+        warnings.warn(f"{config_path} was trained on base model {theirs!r}, but it is being loaded into {ours!r}",
+                      stacklevel=3)
+    try:
+        targets = resolve(model, cfg.targets, cfg.exclude, what=f"{config_path}: target_modules")
+        saved = resolve_modules_to_save(model, cfg.modules_to_save or [])
+    except TargetError as e:
+        raise AdapterFormatError(str(e)) from None
+    expected = _expected_shapes(model, cfg, targets, saved, folder)
+    found = folder.tensors
     missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
     no_magnitude = [k for k in missing if k.endswith(MAGNITUDE)]
     if no_magnitude:
@@ -317,7 +314,39 @@ def check_adapter(model: nn.Module, directory: str | Path, lazy: bool = False):
              if tuple(found[k].shape) != expected[k]]
     if wrong:
         raise AdapterFormatError(f"{weights_path}: shape mismatch for {len(wrong)} tensors: " + "; ".join(wrong[:8]))
-    return cfg, targets, saved, found
+    return targets, saved
+
+
+def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str], saved: list[str],
+                     folder: AdapterFolder) -> dict[str, tuple]:
+    expected: dict[str, tuple] = {}
+    for t in targets:
+        layer = model.get_submodule(t)
+        layer = getattr(layer, "base_layer", layer)          # an AdapterLayer or a served slot layer
+        d_in, d_out = linear_shape(layer)
+        r = cfg.rank_for(t)
+        expected[f"{t}.lora_A"] = (r, d_in)
+        expected[f"{t}.lora_B"] = (d_out, r)
+        if cfg.use_dora:
+            expected[f"{t}.{MAGNITUDE}"] = (d_out,)
+        if isinstance(layer, nn.Linear) and folder.raw.get("fan_in_fan_out"):
+            warnings.warn(f"{folder.config_path}: fan_in_fan_out is true but {t} is an nn.Linear; using the "
+                          "layer's own layout", stacklevel=4)
+    for s in saved:
+        module = model.get_submodule(s)
+        module = getattr(module, "original", module)
+        for key, value in module.state_dict().items():
+            expected[f"{s}.{key}"] = tuple(value.shape)
+    return expected
+
+
+def check_adapter(model: nn.Module, directory: str | Path, lazy: bool = False):
+    """Read a PEFT LoRA folder and check it against `model`, changing nothing: (LoraConfig, target module
+    names, modules_to_save names, tensors keyed as in `AdapterFolder.tensors`).
+    `lazy`: the tensors are meta tensors from the file's header (names and shapes checked, nothing read)."""
+    folder = read_folder(directory, lazy)
+    targets, saved = match_adapter(model, folder)
+    return folder.config, targets, saved, folder.tensors
 
 
 def _load_input_adapter(model: nn.Module, raw: dict, config_path: Path, weights_path: Path, name: str) -> nn.Module:

@@ -6,14 +6,18 @@ count is the one `trainable_report` will show on the real model.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 
-from ..config import LoraConfig
+from .. import families
+from ..config import LoraConfig, doc as _doc
 from ..inject import inject, trainable_report
 from ..linear import shape as linear_shape
+from ..methods import registry
+from ..methods.prefix import kv_layout
 from ..models import EMBEDDED, TINY_FAMILIES, model_class, resolve_folder, tiny_config
 from ..targets import TargetError, kind, resolve
 from . import memory as mem
@@ -52,20 +56,108 @@ def _needed(config, *names):
     return [getattr(config, n) for n in names]
 
 
-def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", method: str = "lora",
-               recipe: str = "12-byte", frozen_bytes: float = 2, seq_len: int = 512, micro_batch: int = 1,
-               grad_checkpointing: bool = False, activation_bytes: int = 2, double_quant: bool = True,
-               config=None, grad_accum: int = 1, optimizer: str = "adamw", virtual_tokens: int = 20,
-               projection: int = 0) -> dict:
-    """The plan for model `ref` (or for an already-loaded `config`, whose `architectures` names the class)."""
-    if method not in mem.METHODS:
-        raise ValueError(f"--method {method!r}: expected one of {mem.METHODS}")
-    if optimizer not in mem.OPTIMIZERS:
-        raise ValueError(f"--optimizer {optimizer!r}: expected one of {mem.OPTIMIZERS}")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class PlanConfig:
+    """What the arithmetic needs to know of a run besides its method: flat, documented once; the
+    `lorakit plan` flags come from here and training fills it from its own TrainConfig."""
+
+    recipe: str = field(default="12-byte", metadata=_doc(
+        "bytes per trainable parameter: 12-byte (fp16 weights and grads, fp32 Adam), 16-byte (+ fp32 master), fp32"))
+    optimizer: str = field(default="adamw", metadata=_doc(
+        "adamw (8 B/param of state) or adamw8bit (~2 B/param, blockwise 8-bit moments)"))
+    dtype: str = field(default="bfloat16", metadata=_doc("storage of the frozen weights: float32, bfloat16, float16"))
+    activation_dtype: str = field(default=None, metadata=_doc("storage of activations (default: --dtype)"))
+    seq_len: int = field(default=512, metadata=_doc("tokens per row"))
+    micro_batch: int = field(default=1, metadata=_doc("rows per forward"))
+    grad_checkpointing: bool = field(default=False, metadata=_doc("recompute activations in backward"))
+    grad_accum: int = field(default=1, metadata=_doc(
+        "micro-batches per optimizer step (gradients then live through the forward)"))
+    quantize: bool = field(default=False, metadata=_doc("QLoRA: the base's block linear layers in 4-bit NF4"))
+    double_quant: bool = field(default=True, metadata=_doc("QLoRA constants double-quantized (else fp32 absmax per 64-block)"))
+
+    def __post_init__(self):
+        choices = {"recipe": sorted(mem.RECIPES), "optimizer": mem.OPTIMIZERS, "dtype": sorted(DTYPE_BYTES),
+                   "activation_dtype": [None, *sorted(DTYPE_BYTES)]}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"PlanConfig.{name} = {getattr(self, name)!r}: expected one of {list(allowed)}")
+        for name in ("seq_len", "micro_batch", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PlanConfig.{name} = {value!r}: expected an integer >= 1")
+
+    @property
+    def frozen_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def activation_bytes(self) -> int:
+        return DTYPE_BYTES[self.activation_dtype or self.dtype]
+
+
+def memory_method(method_cfg, run: PlanConfig) -> str:
+    """The name `memory.model_states` uses: the registry's, or qlora for LoRA on a 4-bit base."""
+    name = registry.of(method_cfg).name
+    if run.quantize:
+        if name not in ("lora", "dora"):
+            raise ValueError(f"quantize needs LoRA on the frozen base, not method {name!r}")
+        return "qlora"
+    return name
+
+
+def plan_model(ref: str, method_cfg=None, run: PlanConfig | None = None, config=None) -> dict:
+    """The plan for model `ref` (or an already-loaded `config`, whose `architectures` names the class)
+    trained with `method_cfg` (default: LoRA r=16, alpha=32, all-linear) under `run`."""
+    method_cfg = LoraConfig() if method_cfg is None else method_cfg
+    run = PlanConfig() if run is None else run
+    method = memory_method(method_cfg, run)
     config = config if config is not None else load_config(ref)
     model = meta_model(config, ref)
     total = sum(p.numel() for p in model.parameters())
-    cfg = LoraConfig(r=r, alpha=alpha, targets=targets)        # validates r, alpha, targets
+    lora = method_cfg if isinstance(method_cfg, LoraConfig) else LoraConfig()
+    shapes, by_kind, quantized, targets_table = _lora_tables(model, lora)
+    virtual = getattr(method_cfg, "num_virtual_tokens", 0)
+    seq_len = run.seq_len
+    if registry.of(method_cfg).family == "input":     # counted by injecting them, like LoRA
+        inject(model, method_cfg)
+        total = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        seq_len += virtual if method == "prompt" else 0      # the virtual tokens run through every layer
+    else:
+        inject(model, lora)
+    trainable = trainable_report(model).trainable if method != "full" else total
+    dora_extra = sum(d_out for _, d_out in shapes.values())
+    if method == "dora":
+        trainable += dora_extra
+    states = _model_states(model, method, run, total, trainable, quantized, dora_extra)
+    _add_activations(states, config, method, run, seq_len)
+    states.accumulate = run.grad_accum > 1
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if method == "full" and head is not None:       # written first in backward, while activations live
+        states.head_gradient = head.weight.numel() * mem.RECIPES[run.recipe]["gradients"]
+    adapter_bytes = (trainable if method != "full" else 0) * 4   # lorakit writes adapters in fp32
+    if method == "prefix":                                       # the file holds the prefix after the MLP
+        layers_, kv_heads, head_dim = kv_layout(config)
+        adapter_bytes = virtual * layers_ * 2 * kv_heads * head_dim * 4
+    return {
+        "model": str(ref), "architecture": type(model).__name__, "method": method, "recipe": run.recipe,
+        "optimizer": run.optimizer, "r": lora.r, "alpha": lora.alpha, "targets": lora.targets,
+        **({"virtual_tokens": virtual, "projection": getattr(method_cfg, "projection", 0)}
+           if method in ("prompt", "prefix") else {}),
+        "parameters": {"total": total, "trainable": trainable, "percent": 100 * trainable / total,  # of the base
+                       "adapted_modules": len(shapes), "by_kind": by_kind, "dora_extra_magnitude": dora_extra},
+        "memory": states.to_dict(),
+        "adapter_file_bytes": adapter_bytes,
+        "rank_table": mem.rank_table(targets_table["all-linear"] * 16 // lora.r if targets_table["all-linear"] else 0),
+        "targets_table": targets_table,
+    }
+
+
+def _lora_tables(model, cfg: LoraConfig):
+    """Read before injection changes the modules: the adapted shapes, per-kind counts, what QLoRA
+    quantizes (every linear layer in the blocks, never the head) and the qv vs all-linear table."""
     adapted = resolve(model, cfg.targets, cfg.exclude)
     shapes = {n: linear_shape(model.get_submodule(n)) for n in adapted}
     by_kind: dict[str, dict] = {}
@@ -74,78 +166,49 @@ def plan_model(ref: str, r: int = 16, alpha: float = 32, targets="all-linear", m
                                            mem.lora_params(d_in, d_out, cfg.rank_for(n)), "params": 0})
         row["modules"] += 1
         row["params"] += mem.lora_params(d_in, d_out, cfg.rank_for(n))
-    # what QLoRA quantizes (every linear layer in the blocks, never the head) and the targets table,
-    # read before injection changes the modules
-    block_linear = resolve(model, "all-linear")
-    quantized = sum(d_in * d_out for d_in, d_out in (linear_shape(model.get_submodule(n)) for n in block_linear))
-    targets_table = {"all-linear": sum(mem.lora_params(*linear_shape(model.get_submodule(n)), r) for n in block_linear)}
+    block_linear = [linear_shape(model.get_submodule(n)) for n in resolve(model, "all-linear")]
+    quantized = sum(d_in * d_out for d_in, d_out in block_linear)
+    table = {"all-linear": sum(mem.lora_params(d_in, d_out, cfg.r) for d_in, d_out in block_linear)}
     try:
-        targets_table["qv"] = sum(mem.lora_params(*linear_shape(model.get_submodule(n)), r) for n in resolve(model, "qv"))
+        table["qv"] = sum(mem.lora_params(*linear_shape(model.get_submodule(n)), cfg.r) for n in resolve(model, "qv"))
     except TargetError:   # a family without a qv preset
-        targets_table["qv"] = None
-    if targets_table["qv"] and targets_table["all-linear"]:
-        targets_table["all_linear_vs_qv"] = targets_table["all-linear"] / targets_table["qv"]
-    if method in ("prompt", "prefix"):       # input adapters: counted by injecting them, like LoRA
-        from ..config import PrefixTuningConfig, PromptTuningConfig
-        model = meta_model(config, ref)
-        inject(model, PromptTuningConfig(num_virtual_tokens=virtual_tokens) if method == "prompt" else
-               PrefixTuningConfig(num_virtual_tokens=virtual_tokens, projection=projection))
-        total = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        seq_len += virtual_tokens if method == "prompt" else 0      # the virtual tokens run through every layer
-    else:
-        inject(model, cfg)
-    trainable = trainable_report(model).trainable if method != "full" else total
-    dora_extra = sum(d_out for _, d_out in shapes.values())
-    if method == "dora":
-        trainable += dora_extra
-    states = mem.model_states(total, trainable, method, recipe, frozen_bytes, quantized if method == "qlora" else 0,
-                              double_quant)
-    if optimizer == "adamw8bit":         # per tensor: small ones keep fp32 moments
+        table["qv"] = None
+    if table["qv"] and table["all-linear"]:
+        table["all_linear_vs_qv"] = table["all-linear"] / table["qv"]
+    return shapes, by_kind, quantized, table
+
+
+def _model_states(model, method: str, run: PlanConfig, total: int, trainable: int, quantized: int, dora_extra: int):
+    states = mem.model_states(total, trainable, method, run.recipe, run.frozen_bytes,
+                              quantized if method == "qlora" else 0, run.double_quant)
+    if run.optimizer == "adamw8bit":         # per tensor: small ones keep fp32 moments
         numels = [p.numel() for p in (model.parameters() if method == "full" else
                                       (p for p in model.parameters() if p.requires_grad))]
         nbytes, formula = mem.adamw8bit_bytes(numels)
         if method == "dora":
             nbytes, formula = nbytes + 8 * dora_extra, formula + f" + {dora_extra:,} DoRA magnitudes x 8 B"
         states.replace("optimizer" if method == "full" else "adapter optimizer", nbytes, "8-bit AdamW: " + formula)
-    activations = None
-    if getattr(config, "model_type", None) in ("llama", "mistral", "qwen2", "qwen3"):
-        hidden, layers, heads, inter = _needed(config, "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                               "intermediate_size")
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
-        kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-        tokens = seq_len * micro_batch
-        full = method == "full"
-        census = f"({9 if full else 7}h + 4kv + 4i)"
-        per_layer = mem.activation_bytes_per_layer(tokens, hidden, kv_dim, inter, activation_bytes, grad_checkpointing, full)
-        total_act = per_layer * layers
-        formula = f"{layers} layers x {tokens} tokens x {'h' if grad_checkpointing else census} x {activation_bytes} B"
-        if grad_checkpointing:   # backward recomputes one layer at a time, holding that layer's full set
-            total_act += mem.activation_bytes_per_layer(tokens, hidden, kv_dim, inter, activation_bytes, False, full)
-            formula += f" + one recomputed layer: {tokens} tokens x {census} x {activation_bytes} B"
-        activations = {"per_layer_bytes": per_layer, "layers": layers, "bytes": total_act, "formula": formula}
-        states.add("activations", activations["bytes"], activations["formula"], "activations")
-    states.accumulate = grad_accum > 1
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if method == "full" and head is not None:       # written first in backward, while activations live
-        states.head_gradient = head.weight.numel() * mem.RECIPES[recipe]["gradients"]
-    adapter_bytes = (trainable if method != "full" else 0) * 4   # lorakit writes adapters in fp32
-    if method == "prefix":                                       # the file holds the prefix after the MLP
-        from ..methods.prefix import kv_layout
-        layers_, kv_heads, head_dim = kv_layout(config)
-        adapter_bytes = virtual_tokens * layers_ * 2 * kv_heads * head_dim * 4
-    return {
-        "model": str(ref), "architecture": type(model).__name__, "method": method, "recipe": recipe,
-        "optimizer": optimizer,
-        "r": r, "alpha": alpha, "targets": targets,
-        **({"virtual_tokens": virtual_tokens, "projection": projection} if method in ("prompt", "prefix") else {}),
-        "parameters": {"total": total, "trainable": trainable, "percent": 100 * trainable / total,  # of the base
-                       "adapted_modules": len(adapted), "by_kind": by_kind,
-                       "dora_extra_magnitude": dora_extra},
-        "memory": states.to_dict(),
-        "adapter_file_bytes": adapter_bytes,
-        "rank_table": mem.rank_table(targets_table["all-linear"] * 16 // r if targets_table["all-linear"] else 0),
-        "targets_table": targets_table,
-    }
+    return states
+
+
+def _add_activations(states, config, method: str, run: PlanConfig, seq_len: int) -> None:
+    """Saved activations, for the families whose layer census is known (families.ACTIVATION_CENSUS)."""
+    if not families.activation_census(config):
+        return
+    hidden, layers, heads, inter = _needed(config, "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "intermediate_size")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    tokens, nbytes, ckpt = seq_len * run.micro_batch, run.activation_bytes, run.grad_checkpointing
+    full = method == "full"
+    census = f"({9 if full else 7}h + 4kv + 4i)"
+    per_layer = mem.activation_bytes_per_layer(tokens, hidden, kv_dim, inter, nbytes, ckpt, full)
+    total_act = per_layer * layers
+    formula = f"{layers} layers x {tokens} tokens x {'h' if ckpt else census} x {nbytes} B"
+    if ckpt:   # backward recomputes one layer at a time, holding that layer's full set
+        total_act += mem.activation_bytes_per_layer(tokens, hidden, kv_dim, inter, nbytes, False, full)
+        formula += f" + one recomputed layer: {tokens} tokens x {census} x {nbytes} B"
+    states.add("activations", total_act, formula, "activations")
 
 
 def plan_params(count: int, recipe: str = "12-byte", double_quant: bool = True) -> dict:

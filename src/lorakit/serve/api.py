@@ -127,8 +127,15 @@ def _metrics(app: FastAPI, service: Service) -> Counter:
 
 
 def _routes(app: FastAPI, service: Service) -> None:
+    # registration order is the order /openapi.json (and /docs) lists the routes in
+    _status_routes(app, service)
+    _adapter_routes(app, service)
+    _generation_routes(app, service)
+
+
+def _status_routes(app: FastAPI, service: Service) -> None:
+    """GET /health and GET /v1/models."""
     served, cache, engine = service.served, service.cache, service.engine
-    auth = (401, 403, 404, 413, 429, 500, 503, 504)
 
     @app.get("/health", response_model=Health, response_model_exclude_unset=True, responses=responses(503))
     async def health(request: Request):
@@ -153,6 +160,11 @@ def _routes(app: FastAPI, service: Service) -> None:
             out["skipped"] = [{"id": k, "reason": v} for k, v in sorted(served.skipped.items())]
         return out
 
+
+def _adapter_routes(app: FastAPI, service: Service) -> None:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (admin only)."""
+    served, cache = service.served, service.cache
+
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=responses(400, 401, 403, 413))
     async def load_adapter(body: LoadAdapter, request: Request):
         service.admin(request)
@@ -173,6 +185,12 @@ def _routes(app: FastAPI, service: Service) -> None:
         except AdapterError as e:
             raise APIError(e.status, str(e), "lora_name") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _generation_routes(app: FastAPI, service: Service) -> None:
+    """POST /v1/completions and /v1/chat/completions."""
+    engine = service.engine
+    auth = (401, 403, 404, 413, 429, 500, 503, 504)
 
     @app.post("/v1/completions", responses=responses(400, *auth, ok=streamed(CompletionResponse)))
     async def completions(body: CompletionRequest, request: Request):

@@ -29,7 +29,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-LLAMA_FAMILIES = ("llama", "qwen2", "mistral")
+from .. import families
+
 LLAMA_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 STATIC_ROPE = ("default", "linear", "yarn", "llama3")   # inv_freq does not depend on the sequence length
 
@@ -133,8 +134,9 @@ class KVCache(SeqCache):
 def llama_unsupported(model) -> str | None:
     """Why `LlamaRunner` cannot compute this model exactly (None: it can)."""
     config = model.config
-    if config.model_type not in LLAMA_FAMILIES:
-        return f"model_type {config.model_type!r} is not one of {LLAMA_FAMILIES}"
+    if not families.llama_forward(config):
+        served = sorted(t for t, f in families.MODEL_TYPES.items() if f.llama_forward)
+        return f"model_type {config.model_type!r} is not one of {served}"
     inner = getattr(model, "model", None)
     if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "the model does not have the Llama layout (model.embed_tokens, layers, norm, rotary_emb)"
@@ -308,6 +310,6 @@ def runner_for(model, handle=None) -> Runner:
     reason = llama_unsupported(model)
     if reason is None:
         return LlamaRunner(model, handle)
-    if model.config.model_type in LLAMA_FAMILIES:
+    if families.llama_forward(model.config):
         warnings.warn(f"serving {model.config.model_type} through the slower HFRunner: {reason}", stacklevel=2)
     return HFRunner(model, handle)

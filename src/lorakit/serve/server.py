@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import doc as _doc
 from ..io.peft_format import CONFIG_NAME
 from ..models import EMBEDDED, load_base, resolve_device
 from .adapter_cache import AdapterCache, AdapterError, confine
@@ -24,10 +25,6 @@ from .forward import runner_for
 from .slots import attach
 
 log = logging.getLogger(__name__)
-
-
-def _doc(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass

@@ -34,7 +34,8 @@ import re
 from pathlib import Path
 
 from ..config import LoraConfig, PromptTuningConfig
-from ..training.run import METHODS as METHOD_CONFIGS, split_kwargs
+from ..methods import registry
+from ..training.run import split_kwargs
 from ..training.trainer import TrainConfig
 
 POLICIES = ("fixed-alpha", "fixed-ratio", "rslora")
@@ -117,7 +118,7 @@ AXES = {
 }
 TRAIN_NAMES = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # method -> the names its runs take (TrainConfig's and its own config's)
-OWN = {m: set(TRAIN_NAMES) | {f.name for f in dataclasses.fields(METHOD_CONFIGS[m])} for m in METHODS}
+OWN = {m: set(TRAIN_NAMES) | {f.name for f in dataclasses.fields(registry.get(m).config)} for m in METHODS}
 OWN["lora"] |= {"alpha_ratio"}
 OWN["dora"] |= {"alpha_ratio"}
 KNOWN = set().union(*OWN.values())
@@ -180,38 +181,7 @@ def expand(spec: dict, alpha_policy: str | None = None) -> list[dict]:
         _check_key(f"fixed.{key}", key, "fixed takes `lorakit train` flag names (see lorakit train --help)")
         fixed[key] = _clean(f"fixed.{key}", key, value)
 
-    points = []
-    grid = spec.get("grid")
-    if grid is not None:
-        if not isinstance(grid, dict):
-            raise GridError(f"grid: expected a mapping of axes to lists of values ({axes_hint})")
-        axes = {}
-        for key, values in grid.items():
-            if key not in AXES:
-                _check_key(f"grid.{key}", key, axes_hint)
-                raise GridError(f"grid.{key}: {key!r} is not a sweepable axis ({axes_hint}); "
-                                "put it under fixed: to set it for every run")
-            if key in fixed:
-                raise GridError(f"grid.{key}: {key!r} is also under fixed; give it in one place")
-            # a list is several settings, anything else one; a list of module names as one
-            # targets setting is nested: targets: [[q_proj, v_proj], all-linear]
-            values = values if isinstance(values, list) else [values]
-            if not values:
-                raise GridError(f"grid.{key}: an empty list of values leaves the grid with no runs")
-            axes[key] = [_clean(f"grid.{key}[{i}]", key, v) for i, v in enumerate(values)]
-        if axes:
-            points += [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
-    runs = spec.get("runs")
-    if runs is not None:
-        if not isinstance(runs, list):
-            raise GridError("runs: expected a list of configurations (mappings of axes to one value each)")
-        for i, run in enumerate(runs):
-            if not isinstance(run, dict):
-                raise GridError(f"runs[{i}]: expected a mapping of axes to values, got {run!r}")
-            for key in run:
-                if key not in AXES:
-                    _check_key(f"runs[{i}].{key}", key, axes_hint)
-            points.append({k: _clean(f"runs[{i}].{k}", k, v) for k, v in run.items()})
+    points = _grid_points(spec.get("grid"), fixed, axes_hint) + _run_points(spec.get("runs"), axes_hint)
     if not points:
         raise GridError("the grid is empty: give at least one axis with values under grid:, or a configuration "
                         "under runs:")
@@ -225,6 +195,46 @@ def expand(spec: dict, alpha_policy: str | None = None) -> list[dict]:
             seen.add(key)
             out.append(config)
     return out
+
+
+def _grid_points(grid, fixed: dict, axes_hint: str) -> list[dict]:
+    """The cross product under grid: (none when absent), each value checked."""
+    if grid is None:
+        return []
+    if not isinstance(grid, dict):
+        raise GridError(f"grid: expected a mapping of axes to lists of values ({axes_hint})")
+    axes = {}
+    for key, values in grid.items():
+        if key not in AXES:
+            _check_key(f"grid.{key}", key, axes_hint)
+            raise GridError(f"grid.{key}: {key!r} is not a sweepable axis ({axes_hint}); "
+                            "put it under fixed: to set it for every run")
+        if key in fixed:
+            raise GridError(f"grid.{key}: {key!r} is also under fixed; give it in one place")
+        # a list is several settings, anything else one; a list of module names as one
+        # targets setting is nested: targets: [[q_proj, v_proj], all-linear]
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise GridError(f"grid.{key}: an empty list of values leaves the grid with no runs")
+        axes[key] = [_clean(f"grid.{key}[{i}]", key, v) for i, v in enumerate(values)]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] if axes else []
+
+
+def _run_points(runs, axes_hint: str) -> list[dict]:
+    """The explicit configurations under runs: (none when absent), each value checked."""
+    if runs is None:
+        return []
+    if not isinstance(runs, list):
+        raise GridError("runs: expected a list of configurations (mappings of axes to one value each)")
+    points = []
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise GridError(f"runs[{i}]: expected a mapping of axes to values, got {run!r}")
+        for key in run:
+            if key not in AXES:
+                _check_key(f"runs[{i}].{key}", key, axes_hint)
+        points.append({k: _clean(f"runs[{i}].{k}", k, v) for k, v in run.items()})
+    return points
 
 
 def resolve(point: dict, policy: str, where: str = "run") -> dict:

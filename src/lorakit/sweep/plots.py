@@ -13,6 +13,8 @@ from pathlib import Path
 from ..atomic import atomic_path
 
 MARKERS = "osD^vP*Xh<>"
+# file names of the three plots, in the order plot_all draws them
+PLOTS = ("score_vs_params.png", "loss_curves.png", "score_by_rank.png")
 
 
 def _pyplot():
@@ -155,7 +157,5 @@ def score_by_rank(rows: list[dict], chosen: str | None, path: Path) -> Path:
 
 
 def plot_all(out: Path, rows: list[dict], chosen: str | None) -> list[Path]:
-    from .report import PLOTS
-
     a, b, c = (out / name for name in PLOTS)
     return [score_vs_params(rows, chosen, a), loss_curves(out, rows, b), score_by_rank(rows, chosen, c)]

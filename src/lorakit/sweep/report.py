@@ -20,6 +20,7 @@ from ..evaluate.report import Thresholds, verdict, write_report
 from ..evaluate.task import TaskResult
 from ..atomic import write_text
 from ..training.trainer import TrainConfig
+from .plots import PLOTS, plot_all  # noqa: F401  (PLOTS re-exported: report.PLOTS names the plot files)
 
 # rule -> the verdicts it admits
 RULES = {"best-pass": ("PASS",), "best-pass-or-warn": ("PASS", "WARN")}
@@ -32,7 +33,6 @@ COLUMNS = ["id", "method", "r", "alpha", "scale", "lr", "targets", "dropout", "q
            "task_gain", "ppl_off", "ppl_on", "ppl_change", "prompts_kept", "verdict", "adapter_bytes", "status",
            "selected", "why_not"]
 LORA_METHODS = ("lora", "dora")
-PLOTS = ("score_vs_params.png", "loss_curves.png", "score_by_rank.png")
 
 
 def task_results(record: dict) -> tuple[TaskResult, TaskResult, RegressionResult]:
@@ -115,8 +115,6 @@ def select(rows: list[dict], rule: str = "best-pass") -> tuple[str | None, dict[
 def write(out: str | Path, records: list[dict], thresholds: Thresholds | None = None,
           rule: str = "best-pass", meta: dict | None = None) -> dict:
     """results.csv, results.md, the plots and each run's eval_report.*; returns the selection."""
-    from .plots import plot_all
-
     out = Path(out)
     thresholds = thresholds or Thresholds()
     rows = [row(rec, judge(rec, thresholds)) for rec in records]

@@ -6,18 +6,21 @@ bad_rows.jsonl if rows were skipped.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import FullConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
-from ..inject import inject, trainable_report
 from ..atomic import write_text
+from ..inject import inject, trainable_report
+from ..methods import registry
+from ..plan.report import DTYPE_BYTES, PlanConfig, plan_model
 from ..models import load_base, resolve_device
 from ..optim import state_bytes
 from ..quant import prepare_for_training, quantize
@@ -27,30 +30,19 @@ from .memory import PeakMemory, TensorPeak, model_tensors, trim_heap
 from .outputs import AdapterWeights, ModelWeights
 from .trainer import Trainer, TrainConfig
 
-METHODS = {"lora": LoraConfig, "dora": LoraConfig, "prompt": PromptTuningConfig, "prefix": PrefixTuningConfig,
-           "full": FullConfig}
-
-
 def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
     """One flat set of names (as on the command line) -> (TrainConfig, method config)."""
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    train_kw = {k: v for k, v in kwargs.items() if k in train_names}
-    cfg = TrainConfig(**train_kw)
-    if cfg.method not in METHODS:
-        raise ValueError(f"method {cfg.method!r} is not available (choose from {sorted(METHODS)})")
-    method_cls = METHODS[cfg.method]
-    method_names = {f.name for f in dataclasses.fields(method_cls)}
-    unknown = sorted(set(kwargs) - train_names - method_names)
+    cfg = TrainConfig(**{k: v for k, v in kwargs.items() if k in train_names})
+    method = registry.get(cfg.method)
+    unknown = sorted(set(kwargs) - train_names - method.option_names())
     if unknown:
         raise TypeError(f"unknown training option(s) {unknown} for method {cfg.method!r}")
-    if cfg.method == "full" and cfg.kl_base:
+    if method.family == "full" and cfg.kl_base:
         raise ValueError("kl_base needs a frozen base to compare against; full fine-tuning has none")
-    if cfg.method == "full" and cfg.quantize:
+    if method.family == "full" and cfg.quantize:
         raise ValueError("quantize needs a frozen base: a 4-bit base cannot be fully fine-tuned")
-    method_kw = {k: v for k, v in kwargs.items() if k in method_names}
-    if cfg.method == "dora":
-        method_kw["use_dora"] = True
-    return cfg, method_cls(**method_kw)
+    return cfg, method.make(**{k: v for k, v in kwargs.items() if k in method.option_names()})
 
 
 def train(**kwargs) -> dict:
@@ -69,16 +61,39 @@ def train(**kwargs) -> dict:
 
 def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemory | None = None,
                 adapter: str = "default") -> dict:
-    """The run on an already-loaded model (tests and sweeps reuse a base this way)."""
+    """The run on an already-loaded model (tests and sweeps reuse a base this way): prepare, train,
+    summarize. The summary holds the planner's prediction beside the measured peak."""
     memory = memory or PeakMemory(next(model.parameters()).device).start()
+    run = _prepare(model, tokenizer, cfg, method_cfg, adapter)
+    tracer = TensorPeak().seed(model_tensors(model, run.trainer.optimizer)) if cfg.trace_memory else None
+    memory.reset_peak()      # measure training, not the load spike; the resident model still counts
+    start = time.perf_counter()
+    with tracer or nullcontext():
+        history = run.trainer.run()
+    summary = _summarize(model, cfg, method_cfg, run, history, time.perf_counter() - start, memory, tracer)
+    if distributed.is_main():
+        write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_loss(history, Path(cfg.out) / "loss.png")
+    return summary
+
+
+@dataclass
+class _Run:
+    trainer: Trainer
+    weights: object
+    train_set: object
+    resume_from: Path | None
+
+
+def _prepare(model, tokenizer, cfg: TrainConfig, method_cfg, adapter: str) -> _Run:
+    """Data read, base quantized if asked, adapter injected (or restored from a checkpoint)."""
     train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.skip_bad_rows)
     eval_set = load_dataset(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else None
     if distributed.is_main():
         print(f"data: {len(train_set)} rows from {cfg.data} ({train_set.truncated} cut to max_len={cfg.max_len}, "
               f"{train_set.dropped} dropped with no loss tokens left, {len(train_set.bad_rows)} bad rows skipped, "
               f"{train_set.text_rows} text rows for the KL guard)", file=sys.stderr)
-    out = Path(cfg.out)
-    full = isinstance(method_cfg, FullConfig)
+    full = registry.of(method_cfg).family == "full"
     weights = ModelWeights(tokenizer) if full else AdapterWeights(adapter)
     resume_from = None
     if cfg.resume:
@@ -101,22 +116,20 @@ def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemo
     if resume_from is not None:
         trainer.restore(resume_from)
     if distributed.is_main() and train_set.bad_rows:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "bad_rows.jsonl", "".join(json.dumps(r) + "\n" for r in train_set.bad_rows))
+        write_text(Path(cfg.out) / "bad_rows.jsonl", "".join(json.dumps(r) + "\n" for r in train_set.bad_rows))
+    return _Run(trainer, weights, train_set, resume_from)
 
-    tracer = TensorPeak().seed(model_tensors(model, trainer.optimizer)) if cfg.trace_memory else None
-    memory.reset_peak()      # measure training, not the load spike; the resident model still counts
-    start = time.perf_counter()
-    with tracer or nullcontext():
-        history = trainer.run()
-    seconds = time.perf_counter() - start
-    report = trainable_report(model)
-    last = history[-1] if history else {}
+
+def _summarize(model, cfg: TrainConfig, method_cfg, run: _Run, history: list, seconds: float,
+               memory: PeakMemory, tracer) -> dict:
+    out, trainer, train_set = Path(cfg.out), run.trainer, run.train_set
+    report, last = trainable_report(model), (history[-1] if history else {})
+    full = registry.of(method_cfg).family == "full"
     summary = {
-        "model": cfg.model, "method": cfg.method, "weights": str(out / weights.folder),
-        "adapter": None if full else str(out / weights.folder),
+        "model": cfg.model, "method": cfg.method, "weights": str(out / run.weights.folder),
+        "adapter": None if full else str(out / run.weights.folder),
         "method_config": dataclasses.asdict(method_cfg), "train_config": dataclasses.asdict(cfg),
-        "resumed_from": str(resume_from) if resume_from else None,
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
         "steps": trainer.total, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
         "seconds": seconds, "tokens_per_s": last.get("tokens_per_s"), "world_size": trainer.world,
         "trainable_params": report.trainable, "total_params": report.total, "trainable_percent": report.percent,
@@ -135,9 +148,6 @@ def train_model(model, tokenizer, cfg: TrainConfig, method_cfg, memory: PeakMemo
         kind = "tensor_peak_bytes" if tracer is not None else "peak_above_baseline_bytes"
         planned["measured"] = kind
         planned["measured_over_planned"] = summary["peak_memory"][kind] / planned["total_bytes"]
-    if distributed.is_main():
-        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        plot_loss(history, out / "loss.png")
     return summary
 
 
@@ -163,28 +173,16 @@ def plot_loss(history: list[dict], path: Path) -> Path:
 
 def _planned(model, cfg: TrainConfig, method_cfg, train_set, world: int = 1) -> dict:
     """The planner's prediction for this run's configuration, recorded beside the measured peak."""
-    import copy
-
-    from ..plan.report import plan_model
-
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]      # plan exactly this model, whatever cfg.model says
-    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.dtype, 4)
     seq = cfg.max_len if cfg.packing else max(len(e.input_ids) for e in train_set.examples)  # batches pad to their longest
     micro = cfg.batch_size // world                                                          # rows per rank
     try:
-        if isinstance(method_cfg, LoraConfig):
-            shape = {"r": method_cfg.r, "alpha": method_cfg.alpha, "targets": method_cfg.targets}
-        elif isinstance(method_cfg, (PromptTuningConfig, PrefixTuningConfig)):
-            shape = {"virtual_tokens": method_cfg.num_virtual_tokens,
-                     "projection": getattr(method_cfg, "projection", 0)}
-        else:
-            shape = {}
-        method = "qlora" if cfg.quantize else cfg.method
-        plan = plan_model(cfg.model, **shape, method=method, recipe="fp32", frozen_bytes=dtype_bytes, seq_len=seq,
-                          micro_batch=micro, grad_checkpointing=cfg.grad_checkpointing, grad_accum=cfg.grad_accum,
-                          activation_bytes=2 if cfg.bf16 else dtype_bytes, config=config,
-                          optimizer="adamw" if cfg.optimizer == "adamw" else "adamw8bit")
+        run = PlanConfig(recipe="fp32", optimizer="adamw" if cfg.optimizer == "adamw" else "adamw8bit",
+                         dtype=cfg.dtype if cfg.dtype in DTYPE_BYTES else "float32",
+                         activation_dtype="bfloat16" if cfg.bf16 else None, seq_len=seq, micro_batch=micro,
+                         grad_checkpointing=cfg.grad_checkpointing, grad_accum=cfg.grad_accum, quantize=cfg.quantize)
+        plan = plan_model(cfg.model, method_cfg, run, config=config)
     except (ValueError, OSError) as e:   # e.g. a model class transformers cannot rebuild from its config
         return {"error": str(e)}
     optimizer = next(c["bytes"] for c in plan["memory"]["components"] if c["component"].endswith("optimizer"))

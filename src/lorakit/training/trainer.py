@@ -21,17 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import families
 from ..atomic import write_text
+from ..config import doc as _doc
+from ..inject import disabled
 from . import checkpoint, distributed
 from .data import IGNORE, Dataset, collate, collate_packed, pack
 from ..optim import AdamW8bit
 from .memory import return_freed_memory
 from .outputs import AdapterWeights
 from .schedule import lr_factor
-
-
-def _doc(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass
@@ -118,14 +117,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-# Families whose logits are exactly `head(last_hidden_state)`: for them the loss runs the head only
-# on positions that have a label, which skips most of a (tokens x vocab) matmul in SFT.
-PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "olmo", "olmo2", "smollm3"}
+# Families whose logits are exactly `head(last_hidden_state)` (`families.plain_head`): for them the
+# loss runs the head only on positions that have a label, which skips most of a (tokens x vocab)
+# matmul in SFT.
 
 
 def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], *masks: torch.Tensor) -> list[torch.Tensor]:
     """Next-token logits at the positions each (B, T-1) mask selects: one (N_i, V) tensor per mask."""
-    if getattr(model.config, "model_type", None) in PLAIN_HEAD:
+    if families.plain_head(model.config):
         hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, C)
         head = model.get_output_embeddings()
         return [head(hidden[m]) for m in masks]
@@ -149,7 +148,6 @@ def loss_and_kl_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     which carry no loss) close to the base model's, computed in the same step with adapters
     disabled. It costs one extra forward without gradients and limits drift away from the base.
     """
-    from ..inject import disabled
 
     labels = batch["labels"][:, 1:]                                      # (B, T-1)
     keep, probe = labels != IGNORE, batch["kl_mask"]

@@ -3,6 +3,8 @@
 Two disjoint sources: the language reference (`pydoc_data.topics`), which the regression
 evaluation reads, and the standard library's own docstrings, which training may use as general
 text for the KL-to-base guard. Keeping them apart means the guard is judged on text it never saw.
+The module lives in `evaluate` (not `datasets`) because the regression check reads it and
+`evaluate` sits below `datasets` in the layering.
 """
 from __future__ import annotations
 

@@ -1,0 +1,57 @@
+"""Model families: what lorakit knows about each transformers `model_type`, in one table.
+
+A family says which preset table targets its projections (`targets.py`: by the names its layers
+use), whether its output head is a bare linear over the last hidden state (the trainer's head-only
+loss, `training/trainer.py`), whether serving's Llama decoder runs it (`serve/forward.py`), and
+whether the planner's activation census (7h + 4kv + 4i values per token and layer, measured on
+Llama-shaped blocks) applies. A model type missing here still trains and serves through the
+generic paths; this table only turns on what has been checked for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    presets: str                     # the preset table in targets.FAMILIES
+    plain_head: bool = False         # lm_head(hidden) is the whole head: no final soft-capping or scaling
+    llama_forward: bool = False      # serve/forward.py's batched Llama decoder
+    activation_census: bool = False  # plan/report.py's activation formula
+
+
+_LLAMA = Family("llama", plain_head=True, llama_forward=True, activation_census=True)
+MODEL_TYPES: dict[str, Family] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "qwen3": Family("llama", plain_head=True, activation_census=True),
+    "olmo": Family("llama", plain_head=True), "olmo2": Family("llama", plain_head=True),
+    "smollm3": Family("llama", plain_head=True),
+    "gemma": Family("llama"), "gemma2": Family("llama"), "granite": Family("llama"),
+    "gpt2": Family("gpt2", plain_head=True),
+    "bert": Family("bert"), "roberta": Family("bert"), "xlm-roberta": Family("bert"),
+}
+
+
+def family(config) -> Family | None:
+    """The family of a transformers config (None: not in the table)."""
+    return MODEL_TYPES.get(getattr(config, "model_type", None))
+
+
+def presets(config) -> str | None:
+    fam = family(config)
+    return fam.presets if fam else None
+
+
+def plain_head(config) -> bool:
+    fam = family(config)
+    return bool(fam and fam.plain_head)
+
+
+def llama_forward(config) -> bool:
+    fam = family(config)
+    return bool(fam and fam.llama_forward)
+
+
+def activation_census(config) -> bool:
+    fam = family(config)
+    return bool(fam and fam.activation_census)
