@@ -60,7 +60,7 @@ def worker(run: str, args) -> dict:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    from lorakit.methods.base import linear_shape
+    from lorakit.linear import shape as linear_shape
     from lorakit.serve import AdapterWeights, LayerWeights, attach
     from lorakit.targets import resolve
 

@@ -4,9 +4,11 @@ Tensor keys are `base_model.model.<module path>.lora_A.weight` (r, d_in) and `.l
 (d_out, r), adapter name stripped; a DoRA adapter (`use_dora: true`) adds peft's
 `.lora_magnitude_vector` (d_out,), with no `.weight` suffix. modules_to_save copies are stored
 under their own path.
-Reading is tolerant of what we can honour and strict about what we cannot: an unsupported
-feature, a missing or unexpected tensor, a shape mismatch or a corrupt file raises before the
-model is touched. Only safetensors are ever read (never pickles).
+Reading is two steps: `read_folder` reads a folder on its own (config, tensor names), and
+`match_adapter` matches it to a model (or to a served model's slot layers, which count as the
+layers they wrap). It is tolerant of what we can honour and strict about what we cannot: an
+unsupported feature, a missing or unexpected tensor, a shape mismatch or a corrupt file raises
+before the model is touched. Only safetensors are ever read (never pickles).
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """`lorakit plan`: the arithmetic of `memory.py` applied to a real model config, as tables or JSON.
 
-The model is built on the meta device (shapes, no weights) from its config, and the adapter is
-counted by injecting into it with the same targeting code training uses, so the planned trainable
-count is the one `trainable_report` will show on the real model.
+`plan_model(ref, method_cfg, PlanConfig)` takes the method's own config (LoraConfig, ...) and the
+run's quantities (`PlanConfig`, whose fields are also `lorakit plan`'s flags). The model is built
+on the meta device (shapes, no weights) from its config, and the adapter is counted by injecting
+into it with the same targeting code training uses, so the planned trainable count is the one
+`trainable_report` will show on the real model. It never imports training: training calls it.
 """
 from __future__ import annotations
 

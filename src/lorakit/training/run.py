@@ -1,6 +1,8 @@
 """`lorakit.train(...)`: a whole run from names to files (what `lorakit train` calls).
 
-Loads the base, reads the data, injects (or resumes) the adapter, trains, and writes the run folder:
+Loads the base; then `train_model` runs three steps: prepare (data, a 4-bit base if asked, the
+adapter injected or resumed, from the method registry), the trainer's loop, and summarize (with
+the planner's prediction beside the measured peak). It writes the run folder:
 adapter/ (model/ for full fine-tuning), checkpoints/, metrics.jsonl, loss.png, summary.json, and
 bad_rows.jsonl if rows were skipped.
 """

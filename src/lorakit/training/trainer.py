@@ -148,7 +148,6 @@ def loss_and_kl_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     which carry no loss) close to the base model's, computed in the same step with adapters
     disabled. It costs one extra forward without gradients and limits drift away from the base.
     """
-
     labels = batch["labels"][:, 1:]                                      # (B, T-1)
     keep, probe = labels != IGNORE, batch["kl_mask"]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "kl_mask")}
