@@ -72,7 +72,8 @@ class Method:
         return self.config(**{**values, **self.fixed})
 
     def option_names(self) -> set[str]:
-        return {f.name for f in dataclasses.fields(self.config)} - set(self.fixed)
+        """The config fields a caller may set (a fixed one is accepted and then fixed)."""
+        return {f.name for f in dataclasses.fields(self.config)}
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (

@@ -46,6 +46,10 @@ class AdapterError(Exception):
 class UnknownAdapter(AdapterError):
     status = 404
 
+    @classmethod
+    def named(cls, name: str) -> "UnknownAdapter":
+        return cls(f"no adapter named {name!r} is registered")
+
 
 class AdapterExists(AdapterError):
     status = 400
@@ -175,7 +179,7 @@ class AdapterCache:
         """Forget `name` and free its RAM and slot (a pinned slot is freed when its last request ends)."""
         with self._lock:
             if name not in self._registry:
-                raise UnknownAdapter(f"no adapter named {name!r} is registered")
+                raise UnknownAdapter.named(name)
             del self._registry[name]
             self._cpu.pop(name, None)
             self._loading.pop(name, None)          # a load in flight finds its entry gone and is dropped
@@ -335,7 +339,7 @@ class AdapterCache:
     def _entry(self, name: str) -> _Entry:
         entry = self._registry.get(name)
         if entry is None:
-            raise UnknownAdapter(f"no adapter named {name!r} is registered")
+            raise UnknownAdapter.named(name)
         return entry
 
     def metrics(self) -> dict:

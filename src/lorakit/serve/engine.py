@@ -103,7 +103,7 @@ class Engine:
                                          f"exceeds max_model_len = {self.max_model_len}; ask for at most "
                                          f"{self.max_model_len - len(prompt)}")
         if adapter is not None and (self.adapters is None or adapter not in self.adapters):
-            raise UnknownAdapter(f"no adapter named {adapter!r} is registered")
+            raise UnknownAdapter.named(adapter)
         seq = Sequence(prompt, adapter, params, callback)
         with self._lock:
             free_rows = max(0, self.scheduler.max_num_seqs - len(self.scheduler.running))
