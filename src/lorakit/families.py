@@ -32,6 +32,17 @@ MODEL_TYPES: dict[str, Family] = {
 }
 
 
+_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+          ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
+
+
+def task_type(model) -> str | None:
+    """peft's task_type for a transformers model, read from its class name (None: a bare model)."""
+    cls = type(model).__name__
+    return next((task for suffix, task in _TASKS if cls.endswith(suffix)), None)
+
+
 def family(config) -> Family | None:
     """The family of a transformers config (None: not in the table)."""
     return MODEL_TYPES.get(getattr(config, "model_type", None))

@@ -10,7 +10,9 @@ twice is an error, not a second adapter. At most one input adapter is active at 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -23,7 +25,7 @@ from .methods.base import AdapterLayer
 from .methods.modules_to_save import ModulesToSave
 from .methods.prompt import PromptTuning
 from .state import check_name, state
-from .targets import kind, resolve, resolve_modules_to_save
+from .targets import classifier_heads, kind, resolve, resolve_modules_to_save, role
 
 log = logging.getLogger("lorakit")
 
@@ -54,6 +56,20 @@ def active_input(model: nn.Module):
     return next((st.inputs[n] for n in st.active if n in st.inputs), None)
 
 
+def with_classifier_head(model: nn.Module, config):
+    """As peft does for SEQ_CLS and TOKEN_CLS: the head ("classifier" or "score") joins modules_to_save,
+    so it trains whole and the file holds it (peft cannot load a classifier adapter without it). A head
+    the user adapts with LoRA instead is left alone (and refused at save time)."""
+    heads = classifier_heads(model)
+    keys = list(config.modules_to_save or [])
+    if not heads or all(h in keys for h in heads):
+        return config
+    adapted = set(resolve(model, config.targets, config.exclude)) if heads else set()
+    if any(n == h or n.endswith("." + h) for n in adapted for h in heads):
+        return config
+    return dataclasses.replace(config, modules_to_save=keys + [h for h in heads if h not in keys])
+
+
 def inject(model: nn.Module, config, name: str = "default", tokenizer=None) -> nn.Module:
     """Add adapter `name` to `model` (in place) and return it. The first adapter becomes active.
 
@@ -64,6 +80,8 @@ def inject(model: nn.Module, config, name: str = "default", tokenizer=None) -> n
     if name in configs(model):
         raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
     method = registry.of(config)
+    if method.family == "weight":
+        config = with_classifier_head(model, config)
     if method.family == "input":
         targets, saved = [], []
         _inject_input(model, method, config, name, tokenizer)
@@ -74,13 +92,17 @@ def inject(model: nn.Module, config, name: str = "default", tokenizer=None) -> n
         log.info("adapter %r: %s with %d virtual tokens", name, type(config).__name__, config.num_virtual_tokens)
     else:
         counts = Counter(kind(t) for t in targets)
-        log.info("adapter %r on %d modules: %s%s", name, len(targets),
-                 ", ".join(f"{k} x{c}" for k, c in counts.items()), f"; modules_to_save: {saved}" if saved else "")
+        fused = [t for t in targets if role(t) == "qkv"]
+        log.info("adapter %r on %d modules: %s%s%s", name, len(targets),
+                 ", ".join(f"{k} x{c}" for k, c in counts.items()), f"; modules_to_save: {saved}" if saved else "",
+                 f"; {len(fused)} fused q/k/v projections adapted whole (as peft does)" if fused else "")
     return model
 
 
 def _inject_weights(model: nn.Module, method, config, name: str) -> tuple[list[str], list[str]]:
     targets = resolve(model, config.targets, config.exclude)          # raises before anything changes
+    if config.targets == "all-linear":
+        _refuse_loudly_what_all_linear_cannot_take(model)
     saved = resolve_modules_to_save(model, config.modules_to_save or [])
     overlap = [t for t in targets if any(t == s or t.startswith(s + ".") for s in saved)]
     if overlap:
@@ -101,6 +123,22 @@ def _inject_weights(model: nn.Module, method, config, name: str) -> tuple[list[s
             replace_module(model, module_name, wrapper)
         wrapper.add(name)
     return targets, saved
+
+
+def _refuse_loudly_what_all_linear_cannot_take(model: nn.Module) -> None:
+    """Fused MoE experts are 3-D parameters, not linear layers: peft adapts them (and, on Mixtral and
+    Qwen3-MoE, adds them and the router to all-linear) through `target_parameters`. lorakit cannot
+    yet, and says so where people look, not at INFO."""
+    fused = sorted({f"{n}.{p}" for n, m in model.named_modules() for p, t in m.named_parameters(recurse=False)
+                    if t.dim() == 3})
+    if fused:
+        msg = (f"all-linear on {type(model).__name__}: its fused expert weights "
+               f"({', '.join(kind(f) for f in fused[:2])}, ... {len(fused)} tensors) are not adapted: LoRA on "
+               "3-D expert parameters (peft's target_parameters, which its all-linear adds on Mixtral and "
+               "Qwen3-MoE) is not supported by lorakit yet; only the linear layers are adapted. Pass an explicit "
+               "target list (e.g. targets='attention') to say that is what you want.")
+        log.error(msg)
+        warnings.warn(msg, stacklevel=3)
 
 
 def _inject_input(model: nn.Module, method, config, name: str, tokenizer) -> None:

@@ -113,6 +113,30 @@ def resolve_folder(name_or_path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"model {ref!r} is neither {EMBEDDED!r}, a .gguf file, nor a transformers folder")
 
 
+# Where the models lorakit knows by a short name come from, so adapters name a base others resolve.
+HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def base_reference(model: nn.Module) -> str | None:
+    """The base as an adapter file should name it: a hub id for a model lorakit knows by a short name,
+    an absolute path for a local folder (so `AutoPeftModel*.from_pretrained(adapter)` finds it offline),
+    else whatever the model's config says."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if name is None:
+        return None
+    if str(name).lower() in HUB_IDS:
+        return HUB_IDS[str(name).lower()]
+    return str(Path(name).resolve()) if Path(name).is_dir() else str(name)
+
+
+def same_base(a: str, b: str) -> bool:
+    """Loose: the last part of the name, case-insensitive, short names through HUB_IDS."""
+    def short(n: str) -> str:
+        n = HUB_IDS.get(str(n).lower(), str(n))
+        return Path(n).name.lower()
+    return short(a) == short(b)
+
+
 def model_class(config) -> type:
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)

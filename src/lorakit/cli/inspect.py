@@ -15,7 +15,7 @@ from ..inject import inject, trainable_report
 from ..linear import shape as linear_shape
 from ..methods import registry
 from ..models import load_base
-from ..targets import family, kind, linear_names, preset_matches
+from ..targets import family, kind, linear_names, preset_matches, role, roles_summary
 from .args import add_method_args, method_from_args
 
 
@@ -49,6 +49,8 @@ def inspect_model(model, config) -> dict:
         "hidden_size": getattr(c, "hidden_size", None),
         "linear_modules": shapes,
         "presets": presets,
+        "roles": {kind(n): role(n) for n in names},             # kind -> role (None: no known role)
+        "roles_summary": roles_summary(names),
         "config": config.to_dict(),
         "report": trainable_report(model).to_dict(),
     }
@@ -64,11 +66,12 @@ def run(args) -> int:
     console.print(f"[bold]{info['architecture']}[/] ({info['model_type']}, family {info['family'] or 'unknown'}): "
                   f"{info['layers']} layers, hidden {info['hidden_size']}")
     t = Table(title="Linear modules by kind")
-    for col in ("kind", "count", "d_in", "d_out"):
-        t.add_column(col, justify="left" if col == "kind" else "right")
+    for col in ("kind", "role", "count", "d_in", "d_out"):
+        t.add_column(col, justify="left" if col in ("kind", "role") else "right")
     for k, row in info["linear_modules"].items():
-        t.add_row(k, str(row["count"]), str(row["d_in"]), str(row["d_out"]))
+        t.add_row(k, info["roles"][k] or "-", str(row["count"]), str(row["d_in"]), str(row["d_out"]))
     console.print(t)
+    console.print(f"roles: {info['roles_summary'] or 'none recognised'}")
     t = Table(title="What each preset adapts")
     t.add_column("preset")
     t.add_column("modules", justify="right")

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .. import families, models
 from ..atomic import atomic_path, write_text
 from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..inject import adapter_layers, configs, inject, input_adapters, saved_wrappers
@@ -31,7 +32,7 @@ from ..methods import registry
 from ..methods.prefix import kv_layout
 from ..methods.registry import MAGNITUDE
 from ..state import state
-from ..targets import TargetError, portable_targets, resolve, resolve_modules_to_save
+from ..targets import TargetError, classifier_heads, portable_targets, resolve, resolve_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -65,19 +66,10 @@ class AdapterFormatError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # writing
-def task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
-        if cls.endswith(suffix):
-            return task
-    return None
+task_type = families.task_type
 
 
-def base_model_name(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or None
+base_model_name = models.base_reference
 
 
 def peft_config_dict(model: nn.Module, name: str) -> dict:
@@ -146,12 +138,32 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
     """Write adapter `name` as a PEFT folder. Each file is replaced atomically (weights first)."""
     state(model).require(name)
+    if name not in input_adapters(model):
+        _head_is_saved(model, name)
     directory = Path(directory)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(adapter_state_dict(model, name), str(tmp), metadata={"format": "pt"})
     config = input_config_dict(model, name) if name in input_adapters(model) else peft_config_dict(model, name)
     write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _head_is_saved(model: nn.Module, name: str) -> None:
+    """peft loads a classifier adapter (SEQ_CLS, TOKEN_CLS) only with its head saved whole."""
+    heads = classifier_heads(model)
+    if not heads:
+        return
+    try:
+        found = resolve_modules_to_save(model, heads)
+    except TargetError:
+        return                                   # no head by either name: nothing peft would look for
+    saved = {w for w, wrapper in saved_wrappers(model) if name in wrapper.copies}
+    unsaved = [h for h in found if h not in saved]
+    if unsaved:
+        raise AdapterFormatError(f"adapter {name!r}: {task_type(model)} model's head {unsaved} is not in "
+                                 "modules_to_save, and peft cannot load a classifier adapter without its head "
+                                 "(it expects the head's weights in the file). Train it whole: "
+                                 f"modules_to_save={heads[:1]}, and leave it out of the LoRA targets")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +305,7 @@ def match_adapter(model: nn.Module, folder: AdapterFolder) -> tuple[list[str], l
     Every problem raises AdapterFormatError naming the file and the tensors."""
     cfg, config_path, weights_path = folder.config, folder.config_path, folder.weights_path
     theirs, ours = folder.raw.get("base_model_name_or_path"), base_model_name(model)
-    if theirs and ours and Path(str(theirs)).name != Path(str(ours)).name:
+    if theirs and ours and not models.same_base(theirs, ours):
         warnings.warn(f"{config_path} was trained on base model {theirs!r}, but it is being loaded into {ours!r}",
                       stacklevel=3)
     try:

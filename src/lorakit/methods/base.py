@@ -53,6 +53,16 @@ class AdapterLayer(nn.Module):
         self.merged: list[str] = []
         self._sq_norms = None   # (weight tensor, its version, ||W0||^2 per row): see base_sq_norms
 
+    # Model code reads a projection's own attributes (T5: `self.wo.weight.dtype`); answer with the base
+    # layer's, as stored, the way peft's wrapped layers do.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         for name in self.active:

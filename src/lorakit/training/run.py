@@ -89,6 +89,11 @@ class _Run:
 
 def _prepare(model, tokenizer, cfg: TrainConfig, method_cfg, adapter: str) -> _Run:
     """Data read, base quantized if asked, adapter injected (or restored from a checkpoint)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model: lorakit's trainer builds decoder-only "
+                         "rows (one sequence, loss on the completion) and cannot train seq2seq yet. Its adapters "
+                         "inject, merge and load both ways with peft; train them with peft or transformers' "
+                         "Seq2SeqTrainer for now")
     train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.skip_bad_rows)
     eval_set = load_dataset(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else None
     if distributed.is_main():
