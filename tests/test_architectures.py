@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import lorakit as lk
+from lorakit.inject import adapter_layers, configs
 from lorakit.targets import resolve
 from tests.zoo.architectures import CASES
 
 MOE = {"mixtral", "qwen3_moe"}                        # peft's all-linear adds target_parameters on these
-FUSED_EXPERTS = MOE | {"qwen2_moe"}                   # 3-D expert weights: lorakit warns they stay unadapted
+FUSED_EXPERTS = MOE | {"qwen2_moe"}                   # 3-D expert weights
 
 
 def _run(case, model, ids):
@@ -40,18 +41,20 @@ def _peft_config(case, dora, targets="all-linear"):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_all_linear_is_peft_all_linear(case):
+    """The same modules, and on MoE models the same target_parameters and rank/alpha patterns."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(case.build(), _peft_config(case, False))
-    theirs = _peft_modules(pm)
-    ours = set(resolve(case.build(), "all-linear"))
-    if case.name in MOE:      # peft adds the experts and the router as parameters; lorakit refuses them loudly
-        assert pm.peft_config["default"].target_parameters and ours == set(pm.peft_config["default"].target_modules
-                                                                              and {n for n in theirs if "mlp" not in n})
-    else:
-        assert ours == theirs
-    if case.name in FUSED_EXPERTS:
-        with pytest.warns(UserWarning, match="target_parameters.*not supported by lorakit yet"):
+        ours = lk.inject(case.build(), lk.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    assert {n for n, _ in adapter_layers(ours)} == _peft_modules(pm)
+    theirs_cfg, ours_cfg = pm.peft_config["default"], configs(ours)["default"]
+    assert set(theirs_cfg.target_parameters or []) == set(ours_cfg.target_parameters or [])
+    if case.name in MOE:
+        assert ours_cfg.rank_pattern == dict(theirs_cfg.rank_pattern)
+        assert ours_cfg.alpha_pattern == dict(theirs_cfg.alpha_pattern)
+    assert lk.trainable_report(ours).trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    if case.name in FUSED_EXPERTS - MOE:    # fused experts that peft's all-linear leaves out: said loudly
+        with pytest.warns(UserWarning, match="fused expert weights .* are not adapted"):
             lk.inject(case.build(), lk.LoraConfig(r=2, targets="all-linear"))
 
 
@@ -66,12 +69,17 @@ def _randomize_peft(pm, seed=3):
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_adapters_move_both_ways_with_peft(tmp_path, case, dora):
-    targets = "attention" if case.name in MOE else "all-linear"
-    peft_targets = sorted({n.rsplit(".", 1)[-1] for n in resolve(case.build(), targets)})
+    if dora and case.name in MOE:      # DoRA on raw expert parameters: peft refuses, and so does lorakit
+        with pytest.raises(ValueError, match="does not work with use_dora"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft.get_peft_model(case.build(), _peft_config(case, True))
+        with pytest.raises(ValueError, match="target_parameters.*no DoRA"):
+            lk.inject(case.build(), lk.LoraConfig(r=4, alpha=8, targets="all-linear", use_dora=True))
+        return
     ids = _ids()
     # lorakit -> peft
     model = case.build()
-    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=peft_targets, use_dora=dora))
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear", use_dora=dora))
     for p in model.parameters():
         if p.requires_grad:
             p.data.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
@@ -82,6 +90,8 @@ def test_adapters_move_both_ways_with_peft(tmp_path, case, dora):
         theirs = peft.PeftModel.from_pretrained(case.build(), tmp_path / "ours").eval()
     assert not [str(w.message) for w in caught if "missing" in str(w.message).lower()
                 or "unexpected" in str(w.message).lower()]
+    if case.name in MOE:
+        assert theirs.peft_config["default"].target_parameters
     torch.testing.assert_close(_run(case, theirs, ids), ours, atol=1e-5, rtol=0)
     # merged equals unmerged
     lk.merge(model)
@@ -89,7 +99,7 @@ def test_adapters_move_both_ways_with_peft(tmp_path, case, dora):
     # peft -> lorakit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(case.build(), _peft_config(case, dora, peft_targets))
+        pm = peft.get_peft_model(case.build(), _peft_config(case, dora))
     _randomize_peft(pm)
     expected = _run(case, pm.eval(), ids)
     pm.save_pretrained(tmp_path / "theirs")
@@ -158,3 +168,48 @@ def test_training_an_encoder_decoder_is_refused_with_what_to_do(tmp_path):
     cfg, method = split_kwargs({"data": str(data), "out": str(tmp_path / "o"), "steps": 1})
     with pytest.raises(ValueError, match="encoder-decoder model: lorakit's trainer builds decoder-only rows"):
         train_model(BY_NAME["t5"].build(), tiny_tokenizer(), cfg, method)
+
+
+def _tiny_mixtral():
+    from lorakit.models import TINY_VOCAB
+    from tests.zoo.architectures import BY_NAME, Case
+    c = BY_NAME["mixtral"]
+    return Case(c.name, c.config, c.model, dict(c.values, vocab_size=TINY_VOCAB)).build()
+
+
+def test_training_a_tiny_mixtral_moves_the_expert_adapters_and_nothing_else(tmp_path):
+    from lorakit.models import tiny_tokenizer
+    from lorakit.training.run import split_kwargs, train_model
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt": "q{i}", "completion": "answer {i}"}}\n' for i in range(8)))
+    model = _tiny_mixtral()
+    base = {id(p): (n, p.detach().clone()) for n, p in model.named_parameters()}     # the same objects after wrapping
+    cfg, method = split_kwargs({"data": str(data), "out": str(tmp_path / "o"), "steps": 10, "batch_size": 4,
+                                "lr": 1e-2, "warmup": 0, "r": 2, "targets": "all-linear"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = train_model(model, tiny_tokenizer(), cfg, method)
+    assert summary["steps"] == 10
+    params = list(model.parameters())
+    moved = [base[id(p)][0] for p in params if id(p) in base and not torch.equal(p.detach(), base[id(p)][1])]
+    assert not moved, moved                                    # no base weight moved
+    assert len([p for p in params if id(p) not in base]) > 0   # the adapters are new parameters
+    experts = {n: l for n, l in adapter_layers(model) if n.endswith("mlp.experts")}
+    assert experts and all(l.adapters["default"][p].B.abs().sum() > 0 for l in experts.values() for p in l.params())
+    loaded = lk.load_adapter(_tiny_mixtral(), tmp_path / "o" / "adapter")
+    ids = torch.randint(1, 100, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_the_planner_counts_expert_adapters_exactly():
+    from lorakit.plan import plan_model
+    model = _tiny_mixtral()
+    config = model.config
+    config.architectures = [type(model).__name__]
+    planned = plan_model("tiny-mixtral", lk.LoraConfig(r=4, targets="all-linear"), config=config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_tiny_mixtral(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    real = lk.trainable_report(lk.inject(_tiny_mixtral(), lk.LoraConfig(r=4, targets="all-linear"))).trainable
+    assert planned["parameters"]["trainable"] == real == sum(p.numel() for p in pm.parameters() if p.requires_grad)

@@ -37,6 +37,9 @@ class LoraConfig:
         metadata=_doc("preset (qv, attention, mlp, all-linear), a list of names/.suffixes, or a full-match regex"),
     )
     exclude: Targets = field(default=None, metadata=_doc("modules never adapted; same rules as targets"))
+    target_parameters: list = field(default=None, metadata=_doc(
+        "parameters adapted directly, peft's target_parameters: fused MoE expert stacks (e.g. gate_up_proj, "
+        "down_proj) and routers (gate.weight); `module.param` equal to an entry or ending with `.entry`"))
     use_rslora: bool = field(default=False, metadata=_doc("rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski, 2023)"))
     use_dora: bool = field(
         default=False,
@@ -58,7 +61,17 @@ class LoraConfig:
         _check(isinstance(self.use_dora, bool), "use_dora", self.use_dora, "true or false")
         _check(self.init in ("default", "gaussian"), "init", self.init, "'default' or 'gaussian'")
         _check(self.bias == "none", "bias", self.bias, "'none' (training biases is not supported)")
-        self.targets = _check_targets("targets", self.targets, allow_none=False)
+        if self.target_parameters is not None:
+            _check(isinstance(self.target_parameters, (list, tuple)) and len(self.target_parameters) > 0
+                   and all(isinstance(p, str) and p for p in self.target_parameters),
+                   "target_parameters", self.target_parameters, "a non-empty list of parameter names")
+            self.target_parameters = list(self.target_parameters)
+            _check(not self.use_dora and not self.dropout, "target_parameters", self.target_parameters,
+                   "no DoRA and no dropout with it (as in peft: neither factors out of a raw parameter)")
+        if self.target_parameters and self.targets in ([], ()):
+            self.targets = []                  # parameters only, as peft's target_modules=[]
+        else:
+            self.targets = _check_targets("targets", self.targets, allow_none=False)
         self.exclude = _check_targets("exclude", self.exclude, allow_none=True)
         if self.modules_to_save is not None:
             _check(isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) and m for m in self.modules_to_save),

@@ -18,14 +18,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import families
 from .linear import replace_module
 from .methods import input as input_hooks
 from .methods import registry
 from .methods.base import AdapterLayer
 from .methods.modules_to_save import ModulesToSave
+from .methods.param import ParamLayer, ParamLora, find_parameters
 from .methods.prompt import PromptTuning
 from .state import check_name, state
-from .targets import classifier_heads, kind, resolve, resolve_modules_to_save, role
+from .targets import TargetError, classifier_heads, kind, resolve, resolve_modules_to_save, role
 
 log = logging.getLogger("lorakit")
 
@@ -36,7 +38,8 @@ def configs(model: nn.Module) -> dict:
 
 
 def adapter_layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    """Every module that carries weight adapters: wrapped linear layers and modules with adapted parameters."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (AdapterLayer, ParamLayer))]
 
 
 def saved_wrappers(model: nn.Module):
@@ -70,6 +73,18 @@ def with_classifier_head(model: nn.Module, config):
     return dataclasses.replace(config, modules_to_save=keys + [h for h in heads if h not in keys])
 
 
+def with_experts(model: nn.Module, config):
+    """peft's all-linear on Mixtral-style MoE models: the fused experts and the router join as
+    target_parameters, the fused gate_up stack at twice the rank and alpha, as peft writes it."""
+    params = families.MOE_ALL_LINEAR.get(getattr(getattr(model, "config", None), "model_type", None))
+    if config.targets != "all-linear" or config.target_parameters is not None or not params:
+        return config
+    fused = rf".*\.{families.FUSED_TWICE}"
+    return dataclasses.replace(config, target_parameters=sorted(params),
+                               rank_pattern={**config.rank_pattern, fused: 2 * config.r},
+                               alpha_pattern={**config.alpha_pattern, fused: 2 * config.alpha})
+
+
 def inject(model: nn.Module, config, name: str = "default", tokenizer=None) -> nn.Module:
     """Add adapter `name` to `model` (in place) and return it. The first adapter becomes active.
 
@@ -81,7 +96,7 @@ def inject(model: nn.Module, config, name: str = "default", tokenizer=None) -> n
         raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
     method = registry.of(config)
     if method.family == "weight":
-        config = with_classifier_head(model, config)
+        config = with_experts(model, with_classifier_head(model, config))
     if method.family == "input":
         targets, saved = [], []
         _inject_input(model, method, config, name, tokenizer)
@@ -100,8 +115,9 @@ def inject(model: nn.Module, config, name: str = "default", tokenizer=None) -> n
 
 
 def _inject_weights(model: nn.Module, method, config, name: str) -> tuple[list[str], list[str]]:
-    targets = resolve(model, config.targets, config.exclude)          # raises before anything changes
-    if config.targets == "all-linear":
+    targets = resolve(model, config.targets, config.exclude) if config.targets else []   # raises before any change
+    params = _find_parameters(model, config)
+    if config.targets == "all-linear" and not params:
         _refuse_loudly_what_all_linear_cannot_take(model)
     saved = resolve_modules_to_save(model, config.modules_to_save or [])
     overlap = [t for t in targets if any(t == s or t.startswith(s + ".") for s in saved)]
@@ -116,6 +132,16 @@ def _inject_weights(model: nn.Module, method, config, name: str) -> tuple[list[s
         if layer is not model.get_submodule(module_name):
             replace_module(model, module_name, layer)
         layer.adapters[name] = method.build(layer, config, module_name, layer.base_layer.weight)
+    for owner, names in params.items():
+        layer = model.get_submodule(owner)
+        if not isinstance(layer, ParamLayer):
+            layer = ParamLayer(layer)
+            replace_module(model, owner, layer)
+        base = layer.base_layer
+        layer.adapters[name] = nn.ModuleDict({p: ParamLora(
+            tuple(getattr(base, p).shape), config.rank_for(f"{owner}.{p}"), config.scale_for(f"{owner}.{p}"),
+            bool(getattr(base, "is_transposed", False)), config.init, registry.adapter_dtype(getattr(base, p)),
+            getattr(base, p).device) for p in names})
     for module_name in saved:
         wrapper = model.get_submodule(module_name)
         if not isinstance(wrapper, ModulesToSave):
@@ -123,6 +149,16 @@ def _inject_weights(model: nn.Module, method, config, name: str) -> tuple[list[s
             replace_module(model, module_name, wrapper)
         wrapper.add(name)
     return targets, saved
+
+
+def _find_parameters(model: nn.Module, config) -> dict[str, list[str]]:
+    if not config.target_parameters:
+        return {}
+    found = find_parameters(model, config.target_parameters)
+    if not found:
+        raise TargetError(f"target_parameters {config.target_parameters} matched no parameter of this model "
+                          "(a key is `module.param`, matched whole or as a `.suffix`)")
+    return found
 
 
 def _refuse_loudly_what_all_linear_cannot_take(model: nn.Module) -> None:
@@ -133,10 +169,9 @@ def _refuse_loudly_what_all_linear_cannot_take(model: nn.Module) -> None:
                     if t.dim() == 3})
     if fused:
         msg = (f"all-linear on {type(model).__name__}: its fused expert weights "
-               f"({', '.join(kind(f) for f in fused[:2])}, ... {len(fused)} tensors) are not adapted: LoRA on "
-               "3-D expert parameters (peft's target_parameters, which its all-linear adds on Mixtral and "
-               "Qwen3-MoE) is not supported by lorakit yet; only the linear layers are adapted. Pass an explicit "
-               "target list (e.g. targets='attention') to say that is what you want.")
+               f"({', '.join(kind(f) for f in fused[:2])}, ... {len(fused)} tensors) are not linear layers and "
+               "are not adapted (peft's all-linear leaves them out on this model too). To adapt them, pass "
+               "target_parameters (e.g. ['gate_up_proj', 'down_proj']), as in peft.")
         log.error(msg)
         warnings.warn(msg, stacklevel=3)
 

@@ -36,9 +36,10 @@ def rows() -> list[str]:
         notes = []
         if "qkv" in roles:
             notes.append("fused qkv: qv adapts the whole projection")
-        if any(t.dim() == 3 for t in model.parameters()):
-            notes.append("fused experts not adapted (peft's target_parameters), said loudly"
-                         + ("; peft's all-linear adds them and the router" if case.name in MOE else ""))
+        if case.name in MOE:
+            notes.append("all-linear adds the fused experts and router as target_parameters, as peft does")
+        elif any(t.dim() == 3 for t in model.parameters()):
+            notes.append("fused experts: not in all-linear (nor in peft's); adapt them with target_parameters")
         if case.task in ("SEQ_CLS", "TOKEN_CLS"):
             notes.append("head saved whole (peft's modules_to_save default)")
         out.append(f"| {case.name} | `{case.model}` | {counts['qv']} | {counts['attention']} | {counts['mlp']} | "

@@ -29,6 +29,7 @@ from ..config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from ..inject import adapter_layers, configs, inject, input_adapters, saved_wrappers
 from ..linear import shape as linear_shape
 from ..methods import registry
+from ..methods.param import ParamLayer, find_parameters, lora_shapes, peft_path
 from ..methods.prefix import kv_layout
 from ..methods.registry import MAGNITUDE
 from ..state import state
@@ -42,14 +43,13 @@ PREFIX = "base_model.model."
 # features we refuse. Any other key with a non-empty value is refused by name.
 _HONOURED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
              "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights",
-             "use_dora"}
+             "use_dora", "target_parameters"}
 _INFORMATIONAL = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
                   "megatron_core", "qalora_group_size", "layers_pattern"}
 _REFUSED = {
     "lora_bias": "LoRA bias terms (lora_bias)",
     "layers_to_transform": "adapters restricted to some layers (layers_to_transform)",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
     "trainable_token_indices": "trainable token indices",
     "use_qalora": "QA-LoRA",
     "megatron_config": "Megatron-parallel layers",
@@ -83,7 +83,8 @@ def peft_config_dict(model: nn.Module, name: str) -> dict:
         "r": cfg.r,
         "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": portable_targets(model, targets),
+        "target_modules": portable_targets(model, targets) if targets else [],
+        "target_parameters": cfg.target_parameters,
         "exclude_modules": None,
         "use_rslora": cfg.use_rslora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
@@ -124,7 +125,11 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     out = {}
     names = registry.of(configs(model)[name]).tensors      # lora_A.weight, lora_B.weight (, the magnitude)
     for lname, layer in adapter_layers(model):
-        if name in layer.adapters:
+        if isinstance(layer, ParamLayer) and name in layer.adapters:     # peft's nested ParamWrapper names
+            for p, lora in layer.adapters[name].items():
+                path = peft_path(lname, layer.params(), p)
+                out[f"{PREFIX}{path}.lora_A.weight"], out[f"{PREFIX}{path}.lora_B.weight"] = lora.A, lora.B
+        elif name in layer.adapters:
             adapter = layer.adapters[name]
             values = {"lora_A.weight": adapter.A, "lora_B.weight": adapter.B, MAGNITUDE: getattr(adapter, "m", None)}
             out.update({f"{PREFIX}{lname}.{t}": values[t] for t in names})
@@ -200,7 +205,7 @@ def config_from_peft(raw: dict, source: str | Path = CONFIG_NAME) -> LoraConfig:
                                  "base model whose weights were changed at initialisation")
     if raw.get("bias", "none") != "none":
         raise AdapterFormatError(f"{source}: bias = {raw['bias']!r} is not supported (lorakit trains no biases)")
-    if not raw.get("target_modules"):
+    if not raw.get("target_modules") and not raw.get("target_parameters"):
         raise AdapterFormatError(f"{source}: target_modules is missing or empty")
     for key in ("r", "lora_alpha"):
         if key not in raw:
@@ -208,7 +213,8 @@ def config_from_peft(raw: dict, source: str | Path = CONFIG_NAME) -> LoraConfig:
     try:
         return LoraConfig(
             r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0) or 0.0,
-            targets=raw["target_modules"], exclude=raw.get("exclude_modules") or None,
+            targets=raw.get("target_modules") or [], exclude=raw.get("exclude_modules") or None,
+            target_parameters=sorted(raw["target_parameters"]) if raw.get("target_parameters") else None,
             use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)),
             init="gaussian" if init == "gaussian" else "default",
             modules_to_save=raw.get("modules_to_save") or None,
@@ -254,6 +260,12 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             adapter.B.copy_(found[f"{t}.lora_B"])
             if cfg.use_dora:
                 adapter.m.copy_(found[f"{t}.{MAGNITUDE}"])
+        for owner, params in find_parameters(model, cfg.target_parameters or []).items():
+            layer = model.get_submodule(owner)
+            for p in params:
+                path = peft_path(owner, params, p)
+                layer.adapters[name][p].A.copy_(found[f"{path}.lora_A"])
+                layer.adapters[name][p].B.copy_(found[f"{path}.lora_B"])
         for s in saved:
             copy = model.get_submodule(s).copies[name]
             for key, value in copy.state_dict().items():
@@ -346,6 +358,14 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, targets: list[str], save
         if isinstance(layer, nn.Linear) and folder.raw.get("fan_in_fan_out"):
             warnings.warn(f"{folder.config_path}: fan_in_fan_out is true but {t} is an nn.Linear; using the "
                           "layer's own layout", stacklevel=4)
+    for owner, params in find_parameters(model, cfg.target_parameters or []).items():
+        module = model.get_submodule(owner)
+        base = getattr(module, "base_layer", module)
+        for p in params:
+            a, b = lora_shapes(tuple(getattr(base, p).shape), cfg.rank_for(f"{owner}.{p}"),
+                               bool(getattr(base, "is_transposed", False)))
+            path = peft_path(owner, params, p)
+            expected[f"{path}.lora_A"], expected[f"{path}.lora_B"] = a, b
     for s in saved:
         module = model.get_submodule(s)
         module = getattr(module, "original", module)

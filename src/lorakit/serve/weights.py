@@ -62,6 +62,9 @@ def weights_from_model(model: nn.Module, name: str, dtype: torch.dtype | None = 
         adapter = layer.adapters[name] if name in layer.adapters else None
         if adapter is None:
             continue
+        if not hasattr(adapter, "A"):
+            raise ValueError(f"adapter {name!r} adapts raw parameters of {lname} (target_parameters), which cannot "
+                             "be served per row yet; merge it and serve the merged model")
         dt = dtype or adapter.A.dtype
         A = adapter.A.detach().to("cpu", dt).clone()
         B = adapter.B.detach().to("cpu", dt).clone()
@@ -110,6 +113,10 @@ def check_served(folder: str | Path, model: nn.Module, served: dict[str, tuple[i
     if raw.get("peft_type") != "LORA":
         raise AdapterFormatError(f"{config_path}: peft_type {raw.get('peft_type')!r} cannot be served per row "
                                  "(the server batches LoRA and DoRA adapters)")
+    if raw.get("target_parameters"):
+        raise AdapterFormatError(f"{config_path}: target_parameters {raw['target_parameters']} (LoRA on MoE expert "
+                                 "stacks or routers) cannot be served per row yet; merge it (lorakit merge) and "
+                                 "serve the merged model")
     if raw.get("modules_to_save"):
         raise AdapterFormatError(f"{config_path}: modules_to_save {raw['modules_to_save']} cannot be served per row "
                                  "(they are whole copies of a module, not low-rank updates)")
