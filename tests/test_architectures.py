@@ -213,3 +213,18 @@ def test_the_planner_counts_expert_adapters_exactly():
         pm = peft.get_peft_model(_tiny_mixtral(), peft.LoraConfig(r=4, target_modules="all-linear"))
     real = lk.trainable_report(lk.inject(_tiny_mixtral(), lk.LoraConfig(r=4, targets="all-linear"))).trainable
     assert planned["parameters"]["trainable"] == real == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_each_preset_takes_exactly_the_roles_it_names(case):
+    from lorakit.targets import PRESET_ROLES, TargetError, linear_names, role
+    model = case.build()
+    for preset, roles in PRESET_ROLES.items():
+        want = [n for n in linear_names(model) if role(n) in roles]
+        if want:
+            assert resolve(model, preset) == want, preset
+        else:
+            with pytest.raises(TargetError, match=f"targets '{preset}' matched no linear module"):
+                resolve(model, preset)
+    attention = [n for n in linear_names(model) if role(n) in PRESET_ROLES["attention"]]
+    assert attention, "every architecture here has attention projections with known roles"
