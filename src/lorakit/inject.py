@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import warnings
 from collections import Counter
@@ -26,7 +27,7 @@ from .methods.base import AdapterLayer
 from .methods.modules_to_save import ModulesToSave
 from .methods.param import ParamLayer, ParamLora, find_parameters
 from .methods.prompt import PromptTuning
-from .state import check_name, state
+from .state import check_name, save_pretrained, state
 from .targets import TargetError, classifier_heads, kind, resolve, resolve_modules_to_save, role
 
 log = logging.getLogger("lorakit")
@@ -206,6 +207,9 @@ def _freeze_once(model: nn.Module) -> None:
 
 def _finish(model: nn.Module, name: str, config, targets: list[str]) -> None:
     state(model).add(name, config, targets)
+    if "save_pretrained" not in model.__dict__ and hasattr(type(model), "save_pretrained"):
+        # trainers save through model.save_pretrained: make that write PEFT adapter folders (io/trainers.py)
+        model.__dict__["save_pretrained"] = functools.partial(save_pretrained, model)
     if not active_adapters(model):
         set_active(model, name)
     else:  # a later adapter stays inactive (and frozen) until set_active

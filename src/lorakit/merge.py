@@ -59,6 +59,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for wname, wrapper in saved_wrappers(model):
         replace_module(model, wname, wrapper.current() if active else wrapper.original)
     detach(model)
+    model.__dict__.pop("save_pretrained", None)     # a plain transformers model saves as one again
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -5,7 +5,8 @@ The state owns the adapters' configs and resolved targets, the active set, the b
 `lorakit_inputs`, so their parameters move with `.to()`, train and checkpoint like any other) and
 the decoder hooks that feed them. inject, merge, io and serving call its methods; nothing else
 reads a model's `__dict__`. It also holds the one rule for adapter names and the one "no adapter
-named" message.
+named" message, and the hook through which `model.save_pretrained` (what trainers call)
+writes PEFT folders: `io/trainers.py` registers it, `inject` installs it.
 What this does not do: build or wrap modules (`inject.py`), or know what a config means.
 """
 from __future__ import annotations
@@ -85,6 +86,21 @@ class AdapterState:
             for handle in self.hooks:
                 handle.remove()
             self.hooks = ()
+
+
+# How a model with adapters answers `save_pretrained` (what transformers' Trainer and TRL call): the IO
+# layer registers it (`io/trainers.py`), inject installs it on the model, so neither imports the other.
+_SAVERS: list = []
+
+
+def register_saver(fn) -> None:
+    _SAVERS[:] = [fn]
+
+
+def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
+    if not _SAVERS:
+        raise RuntimeError("lorakit.io is not imported: nothing knows how to save this model's adapters")
+    return _SAVERS[0](model, save_directory, *args, **kwargs)
 
 
 def state(model: nn.Module) -> AdapterState:
