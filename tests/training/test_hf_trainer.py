@@ -89,3 +89,29 @@ def test_transformers_never_loads_the_folder_silently_wrong(tmp_path):
     merged = lk.merge_and_unload(model)
     merged.save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / "adapter_config.json").exists()
+
+
+def test_trl_sft_trainer_trains_and_saves_a_peft_folder(tmp_path):
+    import datasets
+    import trl
+    from lorakit.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    rows = datasets.Dataset.from_list([{"prompt": f"question {i}?", "completion": f" answer {i}."} for i in range(16)])
+    model = _model()
+    args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=1e-2, report_to=[], use_cpu=True, save_steps=10, logging_steps=1,
+                         bf16=False, dataset_num_proc=None)     # bf16 would leave forward wrapped in autocast
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok)
+        trainer.train()
+        trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_config.json").is_file() and not (tmp_path / "saved" / "config.json").exists()
+    ids = torch.randint(1, 200, (2, 7))
+    expected = _logits(model, ids)
+    assert (expected - _logits(lk.tiny_model("llama"), ids)).abs().max() > 1e-3
+    theirs = peft.PeftModel.from_pretrained(lk.tiny_model("llama"), tmp_path / "saved")
+    torch.testing.assert_close(_logits(theirs, ids), expected, atol=1e-5, rtol=0)
+    ours = lk.load_adapter(lk.tiny_model("llama"), tmp_path / "saved")
+    torch.testing.assert_close(_logits(ours, ids), expected, atol=1e-5, rtol=0)
