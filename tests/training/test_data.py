@@ -114,3 +114,27 @@ def test_text_rows_carry_no_loss_and_are_kept(tmp_path, tok):
     assert len(ds) == 2 and ds.text_rows == 1 and ds.dropped == 0
     with pytest.raises(DataError, match=r"data\.jsonl:1: 'text' must be a non-empty string"):
         read_rows(_write(tmp_path, [json.dumps({"text": " "})]))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "save_to_disk", "latin1"])
+def test_files_that_are_not_jsonl_get_a_message_not_a_traceback(tmp_path, kind):
+    import datasets
+    rows = datasets.Dataset.from_list([{"prompt": "p", "completion": "c"}])
+    if kind == "parquet":
+        path = tmp_path / "rows.parquet"
+        rows.to_parquet(str(path))
+        message = "is a parquet file: --data takes a JSONL file"
+    elif kind == "csv":
+        path = tmp_path / "rows.csv"
+        rows.to_csv(str(path))
+        message = "is a csv file: --data takes a JSONL file"
+    elif kind == "save_to_disk":
+        path = tmp_path / "rows"
+        rows.save_to_disk(str(path))
+        message = "is a `datasets` save_to_disk folder"
+    else:
+        path = tmp_path / "rows.jsonl"
+        path.write_bytes('{"prompt": "caf\\u00e9", "completion": "ok"}\n'.encode() + "{\"prompt\": \"café\"}\n".encode("latin-1"))
+        message = r"rows.jsonl:2: not UTF-8 text"
+    with pytest.raises(DataError, match=message):
+        read_rows(path)

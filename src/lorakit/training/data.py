@@ -86,11 +86,10 @@ def read_rows(path: str | Path, skip_bad_rows: bool = False) -> tuple[list[dict]
     """Parse and check every line; returns (rows, bad_rows). Raises DataError on the first bad row
     unless `skip_bad_rows`."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+    _jsonl_or_refuse(path)
     rows, bad = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, line in _lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -107,6 +106,37 @@ def read_rows(path: str | Path, skip_bad_rows: bool = False) -> tuple[list[dict]
     if not rows:
         raise DataError(f"{path}: no usable rows" + (f" ({len(bad)} bad)" if bad else ""))
     return rows, bad
+
+
+def _jsonl_or_refuse(path: Path) -> None:
+    """Only JSONL is read here; anything else gets a message saying what it is, not a decoder traceback."""
+    if path.is_dir():
+        what = ("a `datasets` save_to_disk folder" if (path / "dataset_info.json").is_file() or
+                (path / "state.json").is_file() else "a folder")
+        raise DataError(f"{path} is {what}: --data takes one JSONL file (one JSON object per line); "
+                        "folders, shards and save_to_disk datasets are not read yet")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    with path.open("rb") as f:
+        head = f.read(4)
+    kinds = {b"PAR1": "a parquet file", b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip file"}
+    what = next((v for k, v in kinds.items() if head.startswith(k)), None)
+    if what is None and path.suffix.lower() in (".csv", ".tsv", ".parquet", ".arrow"):
+        what = f"a {path.suffix[1:].lower()} file"
+    if what:
+        raise DataError(f"{path} is {what}: --data takes a JSONL file (one JSON object per line); convert it "
+                        "first, e.g. datasets.load_dataset(...).to_json(path, lines=True)")
+
+
+def _lines(f, path: Path):
+    """(line number, text) of a binary file, each line decoded as UTF-8 on its own, so a bad byte is
+    reported on its line."""
+    for lineno, raw in enumerate(f, start=1):
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                            "--data takes a JSONL file") from None
 
 
 # ---------------------------------------------------------------------------------------------
