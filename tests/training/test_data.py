@@ -138,3 +138,14 @@ def test_files_that_are_not_jsonl_get_a_message_not_a_traceback(tmp_path, kind):
         message = r"rows.jsonl:2: not UTF-8 text"
     with pytest.raises(DataError, match=message):
         read_rows(path)
+
+
+def test_the_dataset_says_what_it_read(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"text": "some prose"}\n'
+                    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    ds = load_dataset(path, tiny_tokenizer(), max_len=64)
+    assert ds.formats == {"prompt-completion": 1, "text": 1, "messages": 1}
+    assert ds.tokens == sum(len(e.input_ids) for e in ds.examples) and 0 < ds.loss_tokens < ds.tokens
+    line = ds.describe()
+    assert "3 rows" in line and "prompt-completion x1, text x1, messages x1" in line and f"{ds.loss_tokens:,} carry loss" in line

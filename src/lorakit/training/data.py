@@ -43,9 +43,25 @@ class Dataset:
     truncated: int = 0                                    # rows cut to max_len
     dropped: int = 0                                      # rows left with no loss tokens after the cut
     text_rows: int = 0                                    # context-only rows (for the KL penalty)
+    formats: dict = field(default_factory=dict)           # row shape -> rows: prompt-completion, messages, text
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(e.n_labels for e in self.examples)
+
+    def describe(self) -> str:
+        """What was read, for the line printed before training."""
+        shapes = ", ".join(f"{k} x{v}" for k, v in self.formats.items())
+        return (f"{len(self)} rows from {self.path} ({shapes}): {self.tokens:,} tokens, {self.loss_tokens:,} carry "
+                f"loss; {self.truncated} cut to max_len, {self.dropped} dropped with no loss tokens left, "
+                f"{len(self.bad_rows)} bad rows skipped, {self.text_rows} text rows for the KL guard")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +211,8 @@ def load_dataset(path: str | Path, tokenizer, max_len: int = 512, skip_bad_rows:
         ex, cut = tokenize(row, tokenizer, max_len)
         ds.truncated += cut
         ds.text_rows += "text" in row
+        shape = "text" if "text" in row else "messages" if "messages" in row else "prompt-completion"
+        ds.formats[shape] = ds.formats.get(shape, 0) + 1
         if ex.n_labels == 0 and "text" not in row:
             ds.dropped += 1
         else:

@@ -97,9 +97,7 @@ def _prepare(model, tokenizer, cfg: TrainConfig, method_cfg, adapter: str) -> _R
     train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.skip_bad_rows)
     eval_set = load_dataset(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else None
     if distributed.is_main():
-        print(f"data: {len(train_set)} rows from {cfg.data} ({train_set.truncated} cut to max_len={cfg.max_len}, "
-              f"{train_set.dropped} dropped with no loss tokens left, {len(train_set.bad_rows)} bad rows skipped, "
-              f"{train_set.text_rows} text rows for the KL guard)", file=sys.stderr)
+        print(f"data: {train_set.describe()}", file=sys.stderr)
     full = registry.of(method_cfg).family == "full"
     weights = ModelWeights(tokenizer) if full else AdapterWeights(adapter)
     resume_from = None
