@@ -116,28 +116,53 @@ def test_text_rows_carry_no_loss_and_are_kept(tmp_path, tok):
         read_rows(_write(tmp_path, [json.dumps({"text": " "})]))
 
 
-@pytest.mark.parametrize("kind", ["parquet", "csv", "save_to_disk", "latin1"])
-def test_files_that_are_not_jsonl_get_a_message_not_a_traceback(tmp_path, kind):
+ROWS = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}, {"prompt": "p3", "completion": ""}]
+
+
+def _write_table(kind, tmp_path, rows):
     import datasets
-    rows = datasets.Dataset.from_list([{"prompt": "p", "completion": "c"}])
+    table = datasets.Dataset.from_list(rows)
     if kind == "parquet":
         path = tmp_path / "rows.parquet"
-        rows.to_parquet(str(path))
-        message = "is a parquet file: --data takes a JSONL file"
+        table.to_parquet(str(path))
     elif kind == "csv":
         path = tmp_path / "rows.csv"
-        rows.to_csv(str(path))
-        message = "is a csv file: --data takes a JSONL file"
+        table.to_csv(str(path), index=False)
     elif kind == "save_to_disk":
         path = tmp_path / "rows"
-        rows.save_to_disk(str(path))
-        message = "is a `datasets` save_to_disk folder"
+        table.save_to_disk(str(path))
     else:
-        path = tmp_path / "rows.jsonl"
-        path.write_bytes('{"prompt": "caf\\u00e9", "completion": "ok"}\n'.encode() + "{\"prompt\": \"café\"}\n".encode("latin-1"))
-        message = r"rows.jsonl:2: not UTF-8 text"
-    with pytest.raises(DataError, match=message):
+        path = tmp_path / "rows.json"
+        path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "save_to_disk", "json"])
+def test_columnar_files_read_through_datasets_and_name_a_bad_row(tmp_path, kind):
+    path = _write_table(kind, tmp_path, ROWS[:2])
+    rows, bad = read_rows(path)
+    assert rows == ROWS[:2] and bad == []
+    (tmp_path / "bad").mkdir()
+    path = _write_table(kind, tmp_path / "bad", ROWS)
+    empty = "missing key 'completion'" if kind == "csv" else "empty completion"   # CSV reads an empty cell as none
+    with pytest.raises(DataError, match=rf":row 3: {empty}"):
         read_rows(path)
+    rows, bad = read_rows(path, skip_bad_rows=True)
+    assert rows == ROWS[:2] and [b["row"] for b in bad] == [3] and bad[0]["error"].startswith(empty)
+
+
+def test_files_that_are_not_data_get_a_message_not_a_traceback(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes('{"prompt": "caf\\u00e9", "completion": "ok"}\n'.encode() + "{\"prompt\": \"café\"}\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"rows.jsonl:2: not UTF-8 text"):
+        read_rows(path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match="is a folder but not a `datasets` save_to_disk folder"):
+        read_rows(tmp_path / "folder")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 this is not really parquet")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        read_rows(broken)
 
 
 def test_the_dataset_says_what_it_read(tmp_path):
@@ -149,3 +174,10 @@ def test_the_dataset_says_what_it_read(tmp_path):
     assert ds.tokens == sum(len(e.input_ids) for e in ds.examples) and 0 < ds.loss_tokens < ds.tokens
     line = ds.describe()
     assert "3 rows" in line and "prompt-completion x1, text x1, messages x1" in line and f"{ds.loss_tokens:,} carry loss" in line
+
+
+def test_a_parquet_file_trains_end_to_end(tmp_path):
+    import lorakit as lk
+    path = _write_table("parquet", tmp_path, [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)])
+    summary = lk.train(model="tiny-llama", data=str(path), out=str(tmp_path / "run"), steps=2, batch_size=4, r=2)
+    assert summary["steps"] == 2 and summary["data"]["rows"] == 8

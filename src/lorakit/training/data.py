@@ -39,7 +39,7 @@ class Example:
 class Dataset:
     examples: list[Example]
     path: str = ""
-    bad_rows: list[dict] = field(default_factory=list)   # {"line": n, "error": text}
+    bad_rows: list[dict] = field(default_factory=list)   # {"line" (JSONL) or "row" (others): n, "error": text}
     truncated: int = 0                                    # rows cut to max_len
     dropped: int = 0                                      # rows left with no loss tokens after the cut
     text_rows: int = 0                                    # context-only rows (for the KL penalty)
@@ -99,49 +99,79 @@ def check_row(row) -> str | None:
 
 
 def read_rows(path: str | Path, skip_bad_rows: bool = False) -> tuple[list[dict], list[dict]]:
-    """Parse and check every line; returns (rows, bad_rows). Raises DataError on the first bad row
-    unless `skip_bad_rows`."""
+    """Parse and check every row; returns (rows, bad_rows). Raises DataError on the first bad row
+    unless `skip_bad_rows`. JSONL is read line by line (errors name the line); a JSON array, CSV,
+    parquet file or `datasets` save_to_disk folder is read through the `datasets` library (errors
+    name the row)."""
     path = Path(path)
-    _jsonl_or_refuse(path)
+    kind = _kind_of(path)
+    numbered = _jsonl_rows(path) if kind == "jsonl" else _columnar_rows(path, kind)
+    where = "" if kind == "jsonl" else "row "
     rows, bad = [], []
+    for n, row, error in numbered:
+        if error is None:
+            rows.append(row)
+        elif skip_bad_rows:
+            bad.append({"line" if kind == "jsonl" else "row": n, "error": error})
+        else:
+            raise DataError(f"{path}:{where}{n}: {error}")
+    if not rows:
+        raise DataError(f"{path}: no usable rows" + (f" ({len(bad)} bad)" if bad else ""))
+    return rows, bad
+
+
+def _jsonl_rows(path: Path):
     with path.open("rb") as f:
         for lineno, line in _lines(f, path):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                error = check_row(row)
+                yield lineno, row, check_row(row)
             except json.JSONDecodeError as e:
-                error = f"invalid JSON ({e.msg} at column {e.colno})"
-            if error is None:
-                rows.append(row)
-            elif skip_bad_rows:
-                bad.append({"line": lineno, "error": error})
-            else:
-                raise DataError(f"{path}:{lineno}: {error}")
-    if not rows:
-        raise DataError(f"{path}: no usable rows" + (f" ({len(bad)} bad)" if bad else ""))
-    return rows, bad
+                yield lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
 
 
-def _jsonl_or_refuse(path: Path) -> None:
-    """Only JSONL is read here; anything else gets a message saying what it is, not a decoder traceback."""
+def _columnar_rows(path: Path, kind: str):
+    import datasets        # pyarrow underneath: loaded only for the files that need it
+
+    try:
+        if kind == "save_to_disk":
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                raise DataError(f"{path} holds splits {list(table)}: name one, e.g. {path / next(iter(table))}")
+        else:
+            loader = {"parquet": datasets.Dataset.from_parquet, "csv": datasets.Dataset.from_csv,
+                      "json": datasets.Dataset.from_json}[kind]
+            table = loader(str(path))
+    except DataError:
+        raise
+    except Exception as e:        # pyarrow and datasets raise many types for a file they cannot parse
+        raise DataError(f"{path}: not a readable {kind} file ({type(e).__name__}: {str(e)[:200]})") from None
+    for i, row in enumerate(table, start=1):
+        row = {k: v for k, v in row.items() if v is not None}     # columns a row does not use read as None
+        yield i, row, check_row(row)
+
+
+def _kind_of(path: Path) -> str:
+    """jsonl, json (an array), csv, parquet or save_to_disk; anything else gets a message saying what it is."""
     if path.is_dir():
-        what = ("a `datasets` save_to_disk folder" if (path / "dataset_info.json").is_file() or
-                (path / "state.json").is_file() else "a folder")
-        raise DataError(f"{path} is {what}: --data takes one JSONL file (one JSON object per line); "
-                        "folders, shards and save_to_disk datasets are not read yet")
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "save_to_disk"
+        raise DataError(f"{path} is a folder but not a `datasets` save_to_disk folder: --data takes a JSONL, JSON, "
+                        "CSV or parquet file, or such a folder")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     with path.open("rb") as f:
-        head = f.read(4)
-    kinds = {b"PAR1": "a parquet file", b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip file"}
-    what = next((v for k, v in kinds.items() if head.startswith(k)), None)
-    if what is None and path.suffix.lower() in (".csv", ".tsv", ".parquet", ".arrow"):
-        what = f"a {path.suffix[1:].lower()} file"
-    if what:
-        raise DataError(f"{path} is {what}: --data takes a JSONL file (one JSON object per line); convert it "
-                        "first, e.g. datasets.load_dataset(...).to_json(path, lines=True)")
+        head = f.read(64)
+    if head.startswith(b"PAR1") or path.suffix.lower() == ".parquet":
+        return "parquet"
+    if path.suffix.lower() == ".csv":
+        return "csv"
+    for magic, what in ((b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "a gzip file")):
+        if head.startswith(magic):
+            raise DataError(f"{path} is {what}: --data takes a JSONL, JSON, CSV or parquet file; unpack it first")
+    return "json" if head.lstrip().startswith(b"[") else "jsonl"
 
 
 def _lines(f, path: Path):
