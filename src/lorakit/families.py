@@ -1,7 +1,7 @@
 """Model families: what lorakit knows about each transformers `model_type`, in one table.
 
-A family says which preset table targets its projections (`targets.py`: by the names its layers
-use), whether its output head is a bare linear over the last hidden state (the trainer's head-only
+A family gives a label (the Llama, GPT-2 or BERT shape it follows: display only, presets go by
+role in `targets.py`), and says whether its output head is a bare linear over the last hidden state (the trainer's head-only
 loss, `training/trainer.py`), whether serving's Llama decoder runs it (`serve/forward.py`), and
 whether the planner's activation census (7h + 4kv + 4i values per token and layer, measured on
 Llama-shaped blocks) applies. A model type missing here still trains and serves through the
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Family:
-    presets: str                     # the preset table in targets.FAMILIES
+    label: str                       # "llama", "gpt2", "bert": the shape it follows (for display)
     plain_head: bool = False         # lm_head(hidden) is the whole head: no final soft-capping or scaling
     llama_forward: bool = False      # serve/forward.py's batched Llama decoder
     activation_census: bool = False  # plan/report.py's activation formula
@@ -56,9 +56,9 @@ def family(config) -> Family | None:
     return MODEL_TYPES.get(getattr(config, "model_type", None))
 
 
-def presets(config) -> str | None:
+def label(config) -> str | None:
     fam = family(config)
-    return fam.presets if fam else None
+    return fam.label if fam else None
 
 
 def plain_head(config) -> bool:

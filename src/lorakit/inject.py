@@ -27,7 +27,7 @@ from .methods.base import AdapterLayer
 from .methods.modules_to_save import ModulesToSave
 from .methods.param import ParamLayer, ParamLora, find_parameters
 from .methods.prompt import PromptTuning
-from .state import check_name, save_pretrained, state
+from .state import save_pretrained, state
 from .targets import TargetError, classifier_heads, kind, resolve, resolve_modules_to_save, role
 
 log = logging.getLogger("lorakit")
@@ -68,7 +68,7 @@ def with_classifier_head(model: nn.Module, config):
     keys = list(config.modules_to_save or [])
     if not heads or all(h in keys for h in heads):
         return config
-    adapted = set(resolve(model, config.targets, config.exclude)) if heads else set()
+    adapted = set(resolve(model, config.targets, config.exclude)) if config.targets else set()
     if any(n == h or n.endswith("." + h) for n in adapted for h in heads):
         return config
     return dataclasses.replace(config, modules_to_save=keys + [h for h in heads if h not in keys])
@@ -92,9 +92,7 @@ def inject(model: nn.Module, config, name: str = "default", tokenizer=None) -> n
     `config`: a LoraConfig (LoRA or DoRA), PromptTuningConfig or PrefixTuningConfig. `tokenizer`
     is needed only for a prompt initialised from text.
     """
-    check_name(name)
-    if name in configs(model):
-        raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
+    state(model).check_new(name)
     method = registry.of(config)
     if method.family == "weight":
         config = with_experts(model, with_classifier_head(model, config))
@@ -138,11 +136,8 @@ def _inject_weights(model: nn.Module, method, config, name: str) -> tuple[list[s
         if not isinstance(layer, ParamLayer):
             layer = ParamLayer(layer)
             replace_module(model, owner, layer)
-        base = layer.base_layer
-        layer.adapters[name] = nn.ModuleDict({p: ParamLora(
-            tuple(getattr(base, p).shape), config.rank_for(f"{owner}.{p}"), config.scale_for(f"{owner}.{p}"),
-            bool(getattr(base, "is_transposed", False)), config.init, registry.adapter_dtype(getattr(base, p)),
-            getattr(base, p).device) for p in names})
+        layer.adapters[name] = nn.ModuleDict({p: ParamLora.of(layer.base_layer, p, config, f"{owner}.{p}")
+                                              for p in names})
     for module_name in saved:
         wrapper = model.get_submodule(module_name)
         if not isinstance(wrapper, ModulesToSave):
@@ -163,9 +158,8 @@ def _find_parameters(model: nn.Module, config) -> dict[str, list[str]]:
 
 
 def _refuse_loudly_what_all_linear_cannot_take(model: nn.Module) -> None:
-    """Fused MoE experts are 3-D parameters, not linear layers: peft adapts them (and, on Mixtral and
-    Qwen3-MoE, adds them and the router to all-linear) through `target_parameters`. lorakit cannot
-    yet, and says so where people look, not at INFO."""
+    """Fused MoE experts are 3-D parameters, not linear layers. Where all-linear does not add them
+    (`with_experts`: only where peft's does), say so where people look, not at INFO."""
     fused = sorted({f"{n}.{p}" for n, m in model.named_modules() for p, t in m.named_parameters(recurse=False)
                     if t.dim() == 3})
     if fused:

@@ -59,10 +59,15 @@ class AdapterState:
             raise unknown(missing[0] if len(missing) == 1 else missing, self.configs)
         return names
 
-    def add(self, name: str, config, targets: list[str]) -> None:
+    def check_new(self, name: str) -> str:
+        """`name` follows the rule and no adapter of this model has it yet."""
         check_name(name)
         if name in self.configs:
             raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
+        return name
+
+    def add(self, name: str, config, targets: list[str]) -> None:
+        self.check_new(name)
         self.configs[name] = config
         self.targets[name] = list(targets)
 

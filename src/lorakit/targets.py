@@ -1,4 +1,4 @@
-"""Which modules an adapter attaches to: presets per architecture family and PEFT's matching rules.
+"""Which modules an adapter attaches to: presets by role and PEFT's matching rules.
 
 Rules (the same as PEFT's, so saved configs mean the same thing everywhere):
 - a preset name (`qv`, `attention`, `mlp`, `all-linear`) selects layers by role (`role()`: query,
@@ -70,7 +70,7 @@ class TargetError(ValueError):
 
 def family(model: nn.Module) -> str | None:
     """The family label of this model (`families.MODEL_TYPES`), or None; presets do not depend on it."""
-    return families.presets(getattr(model, "config", None))
+    return families.label(getattr(model, "config", None))
 
 
 def _wrapped(module: nn.Module) -> bool:
@@ -123,11 +123,8 @@ def _presets_for(model: nn.Module, candidates: list[str]) -> dict[str, str]:
 def resolve(model: nn.Module, targets, exclude=None, what: str = "targets") -> list[str]:
     """The linear-module names that `targets` selects minus `exclude`, in model order."""
     candidates = linear_names(model)
-    presets = _presets_for(model, candidates)
-    heads = _head_names(model)
+    presets = _presets_for(model, candidates)          # all-linear there already leaves the head out
     chosen = [n for n in candidates if _matches(targets, n, presets)]
-    if targets == "all-linear":
-        chosen = [n for n in chosen if n not in heads]
     if isinstance(targets, list):
         unmatched = [e for e in targets if not any(_matches([e], n, presets) for n in candidates)]
         if unmatched:

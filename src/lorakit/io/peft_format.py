@@ -248,7 +248,7 @@ def _listing(keys, limit: int = 8) -> str:
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> nn.Module:
     """Load a PEFT-format LoRA folder (written by lorakit or by peft) into `model` as adapter `name`."""
     raw, config_path = read_config(directory)
-    _new_name(model, name)
+    state(model).check_new(name)
     if raw.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
         return _load_input_adapter(model, raw, config_path, Path(directory) / WEIGHTS_NAME, name)
     cfg, targets, saved, found = check_adapter(model, directory)
@@ -271,11 +271,6 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             for key, value in copy.state_dict().items():
                 value.copy_(found[f"{s}.{key}"])
     return model
-
-
-def _new_name(model: nn.Module, name: str) -> None:
-    if name in configs(model):
-        raise ValueError(f"adapter {name!r} is already in this model; delete_adapter() it first or pick another name")
 
 
 @dataclass

@@ -16,6 +16,12 @@ from torch import nn
 from .. import linear
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in fp32 on a half-precision (or quantized) base: they are small, and the
+    low-rank update is where precision matters."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class WeightAdapter(nn.Module):
     """One named adapter on one base layer. Subclasses define the math, nothing else."""
 

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .base import adapter_dtype
+
 
 class ParamLora(nn.Module):
     def __init__(self, shape: tuple, r: int, scale: float, transposed: bool = False, init: str = "default",
@@ -41,6 +43,13 @@ class ParamLora(nn.Module):
             nn.init.normal_(self.A, std=1.0 / r)
         else:
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    @classmethod
+    def of(cls, module: nn.Module, param: str, config, key: str) -> "ParamLora":
+        """The adapter for `module.param` under a LoraConfig (`key`: the name rank/alpha patterns match)."""
+        w = getattr(module, param)
+        return cls(tuple(w.shape), config.rank_for(key), config.scale_for(key),
+                   bool(getattr(module, "is_transposed", False)), config.init, adapter_dtype(w), w.device)
 
     def delta(self) -> torch.Tensor:
         """The update, in the parameter's own shape."""
@@ -95,20 +104,20 @@ class ParamLayer(nn.Module):
 
     def merge(self, names: list[str]) -> None:
         todo = [n for n in names if n not in self.merged and n in self.adapters]
-        with torch.no_grad():
-            for n in todo:
-                for p, lora in self.adapters[n].items():
-                    w = getattr(self.base_layer, p)
-                    w.data.copy_(w.float() + lora.delta().float())
+        self._shift(todo, +1)
         self.merged.extend(todo)
 
     def unmerge(self) -> None:
+        self._shift(list(reversed(self.merged)), -1)
+        self.merged.clear()
+
+    def _shift(self, names: list[str], sign: int) -> None:
+        """W <- W + sign * delta for each adapter in `names`, computed in fp32."""
         with torch.no_grad():
-            for n in reversed(self.merged):
+            for n in names:
                 for p, lora in self.adapters[n].items():
                     w = getattr(self.base_layer, p)
-                    w.data.copy_(w.float() - lora.delta().float())
-        self.merged.clear()
+                    w.data.copy_(w.float() + sign * lora.delta().float())
 
     def extra_repr(self) -> str:
         return f"params={self.params()}, active={self.active}, merged={self.merged}"

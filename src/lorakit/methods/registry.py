@@ -15,18 +15,13 @@ from typing import Callable
 import torch
 
 from ..config import FullConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from .base import adapter_dtype
 from .dora import DoraAdapter
 from .lora import LoraAdapter
 from .prefix import PrefixTuning, kv_layout
 from .prompt import PromptTuning
 
 MAGNITUDE = "lora_magnitude_vector"        # peft's name for DoRA's m, stored without a `.weight`
-
-
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Adapters train in fp32 on a half-precision (or quantized) base: they are small, and the
-    # low-rank update is where precision matters.
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _lora(layer, cfg: LoraConfig, module: str, weight: torch.Tensor):

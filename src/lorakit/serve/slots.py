@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import linear
 from ..linear import replace_module
-from ..methods.base import AdapterLayer
+from ..methods.base import AdapterLayer, adapter_dtype
 from ..targets import linear_names, resolve
 from .lora_ops import SlotWeights, lora_grouped, lora_reference, plan_rows
 from .weights import AdapterWeights, LayerWeights, check_served, read_adapter
@@ -67,7 +67,7 @@ class BatchedLoraLinear(nn.Module):
         weight = getattr(base_layer, "weight", None)            # Linear4bit keeps packed codes instead
         device = next((t.device for t in (*base_layer.parameters(), *base_layer.buffers())), None)
         if dtype is None:   # adapters stay fp32 on a half-precision or quantized base, as in training
-            dtype = weight.dtype if weight is not None and weight.dtype in (torch.float32, torch.float64) else torch.float32
+            dtype = adapter_dtype(weight) if weight is not None else torch.float32
         kw = dict(dtype=dtype, device=device)
         self.register_buffer("A", torch.zeros(n_slots, r_max, self.d_in, **kw), persistent=False)
         self.register_buffer("Bt", torch.zeros(n_slots, r_max, self.d_out, **kw), persistent=False)  # B transposed
