@@ -60,6 +60,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def fast_bf16(device: torch.device | None = None) -> tuple[bool, str]:
+    """(whether bf16 compute is fast here, why). CPUs run bf16 matmuls in hardware only with
+    AMX-BF16 or AVX512-BF16; elsewhere oneDNN emulates them, several times slower than fp32."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'has' if ok else 'lacks'} bf16"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    have = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    if have:
+        return True, f"the CPU has {' and '.join(f.upper().replace('_', '-') for f in have)}"
+    return False, "the CPU has no AMX-BF16 or AVX512-BF16, so bf16 would run emulated, slower than fp32"
+
+
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -203,8 +220,14 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# ChatML, as Qwen2's templates write it, with tools: a block listing them and <tool_call> turns
+TURN = ("{{ m['content'] }}{% if m.tool_calls is defined %}{% for c in m.tool_calls %}<tool_call>\n"
+        "{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}\n</tool_call>"
+        "{% endfor %}{% endif %}<|im_end|>\n")
+CHATML = ("{% if tools %}<|im_start|>system\n# Tools\n<tools>\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+          "</tools><|im_end|>\n{% endif %}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+          "<|im_start|>assistant\n" + TURN + "{% else %}<|im_start|>{{ m['role'] }}\n" + TURN + "{% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def tiny_tokenizer():

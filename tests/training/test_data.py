@@ -61,7 +61,7 @@ BAD = {
     "empty reply": (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}),
                     r"data\.jsonl:2: messages\[1\] is an empty assistant reply"),
     "not an object": ("[1, 2]", r"data\.jsonl:2: expected a JSON object, found list"),
-    "wrong type": (json.dumps({"prompt": 3, "completion": "b"}), r"data\.jsonl:2: 'prompt' and 'completion' must be strings"),
+    "wrong type": (json.dumps({"prompt": 3, "completion": "b"}), r"data\.jsonl:2: 'prompt' and 'completion' must both be strings or both be message lists"),
 }
 
 
@@ -106,14 +106,25 @@ def test_packed_examples_do_not_see_each_other(tok):
             offset += len(e.input_ids)
 
 
-def test_text_rows_carry_no_loss_and_are_kept(tmp_path, tok):
-    ex, _ = tokenize({"text": "General prose."}, tok)
+def test_kl_text_rows_carry_no_loss_and_are_kept(tmp_path, tok):
+    ex, _ = tokenize({"kl_text": "General prose."}, tok)
     assert ex.n_labels == 0 and tok.decode(ex.input_ids) == "General prose."
-    path = _write(tmp_path, [json.dumps({"text": "Some prose."}), GOOD, json.dumps({"text": " "})][:2])
+    path = _write(tmp_path, [json.dumps({"kl_text": "Some prose."}), GOOD])
     ds = load_dataset(path, tok)
-    assert len(ds) == 2 and ds.text_rows == 1 and ds.dropped == 0
-    with pytest.raises(DataError, match=r"data\.jsonl:1: 'text' must be a non-empty string"):
-        read_rows(_write(tmp_path, [json.dumps({"text": " "})]))
+    assert len(ds) == 2 and ds.kl_rows == 1 and ds.dropped == 0
+    with pytest.raises(DataError, match=r"data\.jsonl:1: empty 'kl_text'"):
+        read_rows(_write(tmp_path, [json.dumps({"kl_text": " "})]))
+
+
+def test_kl_data_file_adds_context_rows_after_the_training_rows(tmp_path, tok):
+    train = _write(tmp_path, [GOOD])
+    kl = tmp_path / "prose.jsonl"
+    kl.write_text(json.dumps({"text": "Some prose."}) + "\n")
+    ds = load_dataset(train, tok, kl_data=kl)
+    assert len(ds) == 2 and ds.kl_rows == 1 and ds.examples[1].n_labels == 0
+    kl.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"prose\.jsonl:1: --kl-data .* takes text or kl_text rows, found a prompt-completion row"):
+        load_dataset(train, tok, kl_data=kl)
 
 
 ROWS = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}, {"prompt": "p3", "completion": ""}]
@@ -157,7 +168,7 @@ def test_files_that_are_not_data_get_a_message_not_a_traceback(tmp_path):
     with pytest.raises(DataError, match=r"rows.jsonl:2: not UTF-8 text"):
         read_rows(path)
     (tmp_path / "folder").mkdir()
-    with pytest.raises(DataError, match="is a folder but not a `datasets` save_to_disk folder"):
+    with pytest.raises(DataError, match="is a folder with no data files .* and not a `datasets` save_to_disk folder"):
         read_rows(tmp_path / "folder")
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 this is not really parquet")
@@ -167,13 +178,13 @@ def test_files_that_are_not_data_get_a_message_not_a_traceback(tmp_path):
 
 def test_the_dataset_says_what_it_read(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"prompt": "a", "completion": "b"}\n{"text": "some prose"}\n'
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"kl_text": "some prose"}\n'
                     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     ds = load_dataset(path, tiny_tokenizer(), max_len=64)
-    assert ds.formats == {"prompt-completion": 1, "text": 1, "messages": 1}
+    assert ds.formats == {"prompt-completion": 1, "kl-text": 1, "messages": 1}
     assert ds.tokens == sum(len(e.input_ids) for e in ds.examples) and 0 < ds.loss_tokens < ds.tokens
     line = ds.describe()
-    assert "3 rows" in line and "prompt-completion x1, text x1, messages x1" in line and f"{ds.loss_tokens:,} carry loss" in line
+    assert "3 rows" in line and "prompt-completion x1, kl-text x1, messages x1" in line and f"{ds.loss_tokens:,} carry loss" in line
 
 
 def test_a_parquet_file_trains_end_to_end(tmp_path):

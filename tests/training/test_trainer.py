@@ -146,11 +146,11 @@ def test_training_with_kl_logs_it(tmp_path, carrier):
     assert rows[0]["kl_base"] == 0.0 and rows[-1]["kl_base"] > 0
 
 
-def test_text_rows_need_the_kl_penalty(tmp_path):
+def test_kl_text_rows_need_the_kl_penalty(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"text": "Plain prose."}) + "\n" + json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    data.write_text(json.dumps({"kl_text": "Plain prose."}) + "\n" + json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), steps=1, batch_size=2, progress=False)
-    with pytest.raises(ValueError, match=r"1 'text' rows carry no loss of their own.*kl_base > 0"):
+    with pytest.raises(ValueError, match=r"1 kl-text rows carry no loss of their own.*kl_base > 0"):
         train_model(tiny_model("llama"), tiny_tokenizer(), cfg, LoraConfig(r=2, targets="qv"))
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), steps=2, batch_size=2, kl_base=1.0, progress=False)
     summary = train_model(tiny_model("llama"), tiny_tokenizer(), cfg, LoraConfig(r=2, targets="qv"))

@@ -15,6 +15,7 @@ language-reference prose the regression check reads).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import shutil
@@ -35,7 +36,7 @@ from ..evaluate.report import Thresholds, verdict, write_report
 from ..evaluate.task import task_eval
 from ..inject import trainable_report
 from ..atomic import write_text
-from ..models import EMBEDDED, load_base
+from ..models import EMBEDDED, fast_bf16, load_base
 from ..training.data import read_rows
 from ..training.run import train_model
 from ..training.trainer import TrainConfig
@@ -79,6 +80,8 @@ def register(p):
                                            "x2 for LoRA with --quantize)")
     p.add_argument("--quantize", choices=["nf4"], help="train QLoRA: the base's block linear layers in 4-bit NF4")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training (default: where the CPU or GPU computes bf16 in hardware)")
     p.add_argument("--no-serve", action="store_true", help="skip the last step: serving the adapter over HTTP")
 
 
@@ -142,17 +145,21 @@ def _train(console: Console, args, model, tokenizer, train_path: Path, out: Path
     if not args.no_guards:
         console.print("[bold]   guards[/]: rehearsal rows (the base's own answers to general prompts) and "
                       "general prose for the KL-to-base penalty")
-        rehearsal = replay_rows(model, tokenizer) + [{"text": p} for p in docstring_prose(100)]
+        rehearsal = replay_rows(model, tokenizer) + [{"kl_text": p} for p in docstring_prose(100)]
         rows = train_path.read_text().splitlines() + [json.dumps(r) for r in rehearsal]
         random.Random(args.seed).shuffle(rows)
         train_path = train_path.parent / "train_with_guards.jsonl"
         write_text(train_path, "\n".join(rows) + "\n")
     values, default_lr, what = METHODS[args.method]
     lr = args.lr or default_lr * (QLORA_LR_FACTOR.get(args.method, 1.0) if args.quantize else 1.0)
-    console.print(f"[bold]2/4 training[/] ({what}, lr {lr:g}, bf16 autocast, KL-to-base {kl}"
+    bf16, why = fast_bf16(next(model.parameters()).device)
+    bf16 = bf16 if args.bf16 is None else args.bf16
+    precision = "bf16 autocast" if bf16 else "fp32"
+    console.print(f"[bold]2/4 training[/] ({what}, lr {lr:g}, {precision}"
+                  f"{f' ({why})' if args.bf16 is None else ' (--bf16)' if bf16 else ' (--no-bf16)'}, KL-to-base {kl}"
                   f"{', NF4 base (QLoRA)' if args.quantize else ''})")
     cfg = TrainConfig(model=args.model, data=str(train_path), out=str(out / "run"), steps=args.steps,
-                      batch_size=8, lr=lr, warmup=0.1, bf16=True, seed=args.seed, kl_base=kl, quantize=args.quantize,
+                      batch_size=8, lr=lr, warmup=0.1, bf16=bf16, seed=args.seed, kl_base=kl, quantize=args.quantize,
                       method=args.method)
     summary = train_model(model, tokenizer, cfg, registry.get(args.method).make(**values))
     console.print("   " + str(trainable_report(model)).splitlines()[-1])

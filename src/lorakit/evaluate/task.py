@@ -142,8 +142,10 @@ class TaskResult:
 
 def question(row: dict) -> str:
     """A short, human-readable version of what the row asks (its last user turn, or its prompt)."""
-    if "messages" in row:
-        msgs = row["messages"]
+    if "instruction" in row:
+        text = row["instruction"]
+    elif "messages" in row or isinstance(row.get("prompt"), list):
+        msgs = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         users = [m["content"] for m in msgs[:last] if m["role"] == "user"]
         text = users[-1] if users else msgs[last - 1]["content"] if last else ""
@@ -158,6 +160,9 @@ def task_eval(model, tokenizer, rows: list[dict], answer_regex: str | None = Non
     """Exact-match accuracy of greedy answers on `rows` (training-format dicts)."""
     if not rows:
         raise ValueError("task_eval needs at least one row")
+    if any("prompt" not in r and "messages" not in r and "instruction" not in r for r in rows):
+        raise ValueError("task_eval rows need a prompt and an answer (prompt/completion, messages or alpaca rows); "
+                         "text and kl_text rows have none")
     pattern = re.compile(answer_regex) if answer_regex else None
     pairs = [prompt_text(row, tokenizer) for row in rows]
     answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size, progress)

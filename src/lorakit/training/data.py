@@ -1,28 +1,36 @@
-"""Supervised fine-tuning data: JSONL rows -> token ids with loss masks -> padded or packed batches.
+"""Supervised fine-tuning data: rows (`rows.py`) -> token ids with loss masks -> padded or packed batches.
 
-Three row shapes:
-- `{"prompt": ..., "completion": ...}`: plain text; loss on the completion and the EOS after it.
-- `{"messages": [{"role", "content"}, ...]}`: rendered with the tokenizer's chat template; loss on
-  every assistant turn (its text and its end-of-turn marker), nowhere else.
-- `{"text": ...}`: general text with no loss of its own; only the KL-to-base penalty reads it
-  (it holds the adapted model's predictions on such text to the base model's).
-Labels use -100 for "no loss", as transformers does. Other keys in a row (e.g. "meta") are ignored.
-Rows are validated before any training starts; errors name the file and line.
+Which tokens carry loss, shape by shape (TRL's SFTTrainer semantics, checked against TRL's own
+tokenization in tests/training/test_formats.py):
+- text: every token, with the tokenizer's EOS appended as TRL does;
+- prompt-completion, strings: prompt + completion + EOS tokenized together, loss from where the
+  prompt's own tokens end (TRL's common-prefix rule);
+- prompt-completion, conversational (and Alpaca with a chat template): the chat template renders
+  prompt (with the generation prompt) and prompt + completion; loss on what the completion adds;
+- messages (and ShareGPT): loss on every assistant turn, its text or tool calls and its
+  end-of-turn marker, as the template renders them. A template with `{% generation %}` marks says
+  so itself (TRL's assistant_only_loss); otherwise turns are rendered one prefix at a time;
+- kl-text: no loss; the KL-to-base penalty reads these positions.
+Labels use -100 for "no loss", as transformers does. Tokens live in flat arrays, a few bytes per
+token, so a million-row file is not a million Python objects; rows stream in batches.
 """
 from __future__ import annotations
 
-import json
+import re
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+from .rows import DataError, RowError, read_rows, scan
+
+__all__ = ["IGNORE", "DataError", "Example", "Dataset", "load_dataset", "read_rows", "tokenize", "prompt_text",
+           "resolve", "collate", "collate_packed", "pack"]
 
 IGNORE = -100
-ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A bad row: the message names the file, the line and what is wrong."""
+BATCH = 512            # rows tokenized per call into the (Rust) tokenizer
 
 
 @dataclass
@@ -35,221 +43,271 @@ class Example:
         return sum(1 for t in self.labels[1:] if t != IGNORE)
 
 
+class Tokens(Sequence):
+    """Examples stored flat: int32 ids, one loss bit per token, one offset per row."""
+
+    def __init__(self):
+        self.ids, self.loss, self.starts = array("i"), array("b"), array("q", [0])
+        self.loss_tokens = 0                # loss-bearing positions after the causal shift
+        self.longest = 0
+
+    def append(self, ids: list[int], mask: list[int]) -> None:
+        self.ids.extend(ids)
+        self.loss.extend(mask)
+        self.starts.append(len(self.ids))
+        self.loss_tokens += sum(mask[1:])
+        self.longest = max(self.longest, len(ids))
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        a, b = self.starts[i], self.starts[i + 1]
+        ids = self.ids[a:b].tolist()
+        return Example(ids, [t if m else IGNORE for t, m in zip(ids, self.loss[a:b])])
+
+
 @dataclass
 class Dataset:
-    examples: list[Example]
+    examples: Tokens
     path: str = ""
-    bad_rows: list[dict] = field(default_factory=list)   # {"line" (JSONL) or "row" (others): n, "error": text}
+    bad_rows: list[dict] = field(default_factory=list)   # {"file", "line" (JSONL) or "row" (others), "error"}
     truncated: int = 0                                    # rows cut to max_len
     dropped: int = 0                                      # rows left with no loss tokens after the cut
-    text_rows: int = 0                                    # context-only rows (for the KL penalty)
-    formats: dict = field(default_factory=dict)           # row shape -> rows: prompt-completion, messages, text
+    kl_rows: int = 0                                      # context-only rows (for the KL penalty)
+    formats: dict = field(default_factory=dict)           # row shape -> rows
 
     def __len__(self) -> int:
         return len(self.examples)
 
     @property
     def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
+        return len(self.examples.ids)
 
     @property
     def loss_tokens(self) -> int:
-        return sum(e.n_labels for e in self.examples)
+        return self.examples.loss_tokens
 
     def describe(self) -> str:
         """What was read, for the line printed before training."""
         shapes = ", ".join(f"{k} x{v}" for k, v in self.formats.items())
         return (f"{len(self)} rows from {self.path} ({shapes}): {self.tokens:,} tokens, {self.loss_tokens:,} carry "
                 f"loss; {self.truncated} cut to max_len, {self.dropped} dropped with no loss tokens left, "
-                f"{len(self.bad_rows)} bad rows skipped, {self.text_rows} text rows for the KL guard")
+                f"{len(self.bad_rows)} bad rows skipped, {self.kl_rows} kl-text rows for the KL guard")
 
 
 # ---------------------------------------------------------------------------------------------
-# reading and checking rows
-def check_row(row) -> str | None:
-    """What is wrong with a parsed row, or None."""
-    if not isinstance(row, dict):
-        return f"expected a JSON object, found {type(row).__name__}"
-    if "text" in row:
-        return None if isinstance(row["text"], str) and row["text"].strip() else "'text' must be a non-empty string"
-    if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return "'messages' must be a non-empty list"
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                return f"messages[{i}] must be an object with 'role' and 'content'"
-            if m["role"] not in ROLES:
-                return f"messages[{i}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})"
-            if not isinstance(m["content"], str):
-                return f"messages[{i}].content must be a string"
-            if m["role"] == "assistant" and not m["content"].strip():
-                return f"messages[{i}] is an empty assistant reply"
-        if not any(m["role"] == "assistant" for m in msgs):
-            return "'messages' has no assistant turn to learn from"
-        return None
-    missing = [k for k in ("prompt", "completion") if k not in row]
-    if missing:
-        return f"missing key {missing[0]!r} (a row needs 'prompt' and 'completion', 'messages', or 'text')"
-    if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
-        return "'prompt' and 'completion' must be strings"
-    if not row["completion"].strip():
-        return "empty completion"
-    return None
+# rendering: a row -> text pieces, each marked with whether it carries loss
+ALPACA = ("Below is an instruction that describes a task{paired}. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def read_rows(path: str | Path, skip_bad_rows: bool = False) -> tuple[list[dict], list[dict]]:
-    """Parse and check every row; returns (rows, bad_rows). Raises DataError on the first bad row
-    unless `skip_bad_rows`. JSONL is read line by line (errors name the line); a JSON array, CSV,
-    parquet file or `datasets` save_to_disk folder is read through the `datasets` library (errors
-    name the row)."""
-    path = Path(path)
-    kind = _kind_of(path)
-    numbered = _jsonl_rows(path) if kind == "jsonl" else _columnar_rows(path, kind)
-    where = "" if kind == "jsonl" else "row "
-    rows, bad = [], []
-    for n, row, error in numbered:
-        if error is None:
-            rows.append(row)
-        elif skip_bad_rows:
-            bad.append({"line" if kind == "jsonl" else "row": n, "error": error})
-        else:
-            raise DataError(f"{path}:{where}{n}: {error}")
-    if not rows:
-        raise DataError(f"{path}: no usable rows" + (f" ({len(bad)} bad)" if bad else ""))
-    return rows, bad
+def resolve(shape: str, row: dict, tokenizer) -> tuple[str, dict]:
+    """An Alpaca row as the prompt-completion row it stands for: a chat turn when the tokenizer has
+    a chat template, else the Stanford Alpaca prompt. Other shapes pass through."""
+    if shape != "alpaca":
+        return shape, row
+    if tokenizer.chat_template:
+        user = row["instruction"] + (f"\n\n{row['input']}" if "input" in row else "")
+        system = [{"role": "system", "content": row["system"]}] if "system" in row else []
+        return "prompt-completion", {"prompt": system + [{"role": "user", "content": user}],
+                                     "completion": [{"role": "assistant", "content": row["output"]}]}
+    paired = ", paired with an input that provides further context" if "input" in row else ""
+    prompt = ALPACA.format(paired=paired, instruction=row["instruction"],
+                           input=f"### Input:\n{row['input']}\n\n" if "input" in row else "")
+    return "prompt-completion", {"prompt": (row["system"] + "\n\n" if "system" in row else "") + prompt,
+                                 "completion": row["output"]}
 
 
-def _jsonl_rows(path: Path):
-    with path.open("rb") as f:
-        for lineno, line in _lines(f, path):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                yield lineno, row, check_row(row)
-            except json.JSONDecodeError as e:
-                yield lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
-
-
-def _columnar_rows(path: Path, kind: str):
-    import datasets        # pyarrow underneath: loaded only for the files that need it
-
+def render(tokenizer, msgs: list[dict], tools=None, **kwargs) -> str:
+    """The chat template's text for `msgs`; RowError when the template cannot render them."""
+    if not tokenizer.chat_template:
+        raise RowError("the tokenizer has no chat template, which message rows need; use prompt/completion rows")
     try:
-        if kind == "save_to_disk":
-            table = datasets.load_from_disk(str(path))
-            if isinstance(table, datasets.DatasetDict):
-                raise DataError(f"{path} holds splits {list(table)}: name one, e.g. {path / next(iter(table))}")
-        else:
-            loader = {"parquet": datasets.Dataset.from_parquet, "csv": datasets.Dataset.from_csv,
-                      "json": datasets.Dataset.from_json}[kind]
-            table = loader(str(path))
-    except DataError:
-        raise
-    except Exception as e:        # pyarrow and datasets raise many types for a file they cannot parse
-        raise DataError(f"{path}: not a readable {kind} file ({type(e).__name__}: {str(e)[:200]})") from None
-    for i, row in enumerate(table, start=1):
-        row = {k: v for k, v in row.items() if v is not None}     # columns a row does not use read as None
-        yield i, row, check_row(row)
+        text = tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, **kwargs)
+    except Exception as e:     # jinja raises TemplateError, templates raise their own exceptions
+        raise RowError(f"the chat template cannot render this row ({type(e).__name__}: {str(e)[:200]})") from None
+    for i, m in enumerate(msgs):
+        for call in m.get("tool_calls", ()):
+            if call["function"]["name"] not in text:
+                raise RowError(f"the chat template drops tool_calls (message {i} calls {call['function']['name']!r}, "
+                               "which the rendered text never mentions): use a tokenizer whose template renders tools")
+        if m["role"] == "tool" and m["content"].strip() and m["content"].strip() not in text:
+            raise RowError(f"the chat template drops the tool turn (message {i})")
+    for t in tools or ():
+        name = (t.get("function") or t).get("name")
+        if name and name not in text:
+            raise RowError(f"the chat template does not render 'tools' (tool {name!r} never appears)")
+    return text
 
 
-def _kind_of(path: Path) -> str:
-    """jsonl, json (an array), csv, parquet or save_to_disk; anything else gets a message saying what it is."""
-    if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-            return "save_to_disk"
-        raise DataError(f"{path} is a folder but not a `datasets` save_to_disk folder: --data takes a JSONL, JSON, "
-                        "CSV or parquet file, or such a folder")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    with path.open("rb") as f:
-        head = f.read(64)
-    if head.startswith(b"PAR1") or path.suffix.lower() == ".parquet":
-        return "parquet"
-    if path.suffix.lower() == ".csv":
-        return "csv"
-    for magic, what in ((b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "a gzip file")):
-        if head.startswith(magic):
-            raise DataError(f"{path} is {what}: --data takes a JSONL, JSON, CSV or parquet file; unpack it first")
-    return "json" if head.lstrip().startswith(b"[") else "jsonl"
-
-
-def _lines(f, path: Path):
-    """(line number, text) of a binary file, each line decoded as UTF-8 on its own, so a bad byte is
-    reported on its line."""
-    for lineno, raw in enumerate(f, start=1):
-        try:
-            yield lineno, raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
-                            "--data takes a JSONL file") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# rendering and tokenizing
 def segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
-    """The row as text pieces, each marked True where the loss applies."""
-    if "text" in row:
-        return [(row["text"], False)]
-    if "messages" not in row:
-        return [(row["prompt"], False), (row["completion"], True)]
-    msgs, out, done = row["messages"], [], ""
+    """A messages row as text pieces, each True where the loss applies: each assistant turn is what
+    rendering the conversation up to it adds to rendering the conversation before it."""
+    msgs, tools, out, done = row["messages"], row.get("tools"), [], ""
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(msgs[:i], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+        prompt = render(tokenizer, msgs[:i], tools, add_generation_prompt=True)
+        full = render(tokenizer, msgs[: i + 1], tools)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise DataError("the tokenizer's chat template does not render turns as prefixes of each other; "
-                            "use prompt/completion rows with this tokenizer")
+            raise RowError("the tokenizer's chat template does not render turns as prefixes of each other; "
+                           "use prompt/completion rows, or a template with {% generation %} marks")
         out += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
+    if msgs[-1]["role"] != "assistant":                    # turns after the last assistant one
+        out.append((render(tokenizer, msgs, tools)[len(done):], False))
     return out
+
+
+def pieces(shape: str, row: dict, tokenizer):
+    """How one row tokenizes: ("segments", [(text, trained)], specials) tokenized piece by piece;
+    ("prefix", prompt, full, specials): loss on the tokens of `full` past its common prefix with
+    `prompt`; or ("ids", ids, mask) already tokenized."""
+    shape, row = resolve(shape, row, tokenizer)
+    eos = tokenizer.eos_token or ""
+    if shape == "kl-text":
+        return "segments", [(row["kl_text"], False)], True
+    if shape == "text":
+        text = row["text"]
+        return "segments", [(text if text.endswith(eos) else text + eos, True)], True
+    if shape == "prompt-completion" and isinstance(row["prompt"], str):
+        completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
+        return "prefix", row["prompt"], row["prompt"] + completion, True
+    if shape == "prompt-completion":
+        tools = row.get("tools")
+        return ("prefix", render(tokenizer, row["prompt"], tools, add_generation_prompt=True),
+                render(tokenizer, row["prompt"] + row["completion"], tools), False)
+    if isinstance(tokenizer.chat_template, str) and _GENERATION.search(tokenizer.chat_template):
+        render(tokenizer, row["messages"], row.get("tools"))            # the checks above, then the marks
+        out = tokenizer.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return "ids", list(out["input_ids"]), list(out["assistant_masks"])
+    return "segments", segments(row, tokenizer), False
+
+
+def encode(plans: list, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) for each plan from `pieces`, with one tokenizer call per special-tokens setting."""
+    texts: dict[bool, list[str]] = {True: [], False: []}
+    for plan in plans:
+        if plan[0] == "segments":
+            for k, (text, _) in enumerate(plan[1]):
+                texts[plan[2] and k == 0].append(text)
+        elif plan[0] == "prefix":
+            texts[plan[3]] += [plan[1], plan[2]]
+    ids = {s: iter(tokenizer(t, add_special_tokens=s)["input_ids"]) if t else iter(()) for s, t in texts.items()}
+    out = []
+    for plan in plans:
+        if plan[0] == "ids":
+            out.append((plan[1], plan[2]))
+        elif plan[0] == "prefix":
+            prompt, full = next(ids[plan[3]]), next(ids[plan[3]])
+            n = _common_prefix(prompt, full)
+            out.append((full, [0] * n + [1] * (len(full) - n)))
+        else:
+            row_ids, mask = [], []
+            for k, (_, trained) in enumerate(plan[1]):
+                piece = next(ids[plan[2] and k == 0])
+                row_ids += piece
+                mask += [int(trained)] * len(piece)
+            out.append((row_ids, mask))
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize(row: dict, tokenizer, max_len: int | None = None, shape: str | None = None) -> tuple[Example, bool]:
+    """Token ids and labels for one row; returns (example, was_truncated)."""
+    if shape is None:
+        from .rows import normalize
+        shape, row = normalize(row)
+    [(ids, mask)] = encode([pieces(shape, row, tokenizer)], tokenizer)
+    truncated = max_len is not None and len(ids) > max_len
+    ids, mask = (ids[:max_len], mask[:max_len]) if truncated else (ids, mask)
+    return Example(ids, [t if m else IGNORE for t, m in zip(ids, mask)]), truncated
 
 
 def prompt_text(row: dict, tokenizer) -> tuple[str, str]:
     """(text to generate from, expected answer) for evaluation: everything before the last assistant turn."""
-    if "messages" not in row:
-        return row["prompt"], row["completion"]
-    msgs = row["messages"]
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    return tokenizer.apply_chat_template(msgs[:last], add_generation_prompt=True, tokenize=False), msgs[last]["content"]
+    shape, row = resolve("alpaca" if "instruction" in row else "", row, tokenizer)
+    if "messages" in row or isinstance(row.get("prompt"), list):
+        msgs = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return render(tokenizer, msgs[:last], row.get("tools"), add_generation_prompt=True), msgs[last]["content"]
+    if "prompt" not in row:
+        raise ValueError("a task evaluation row needs a prompt and an answer: prompt/completion, messages or "
+                         "alpaca rows, not text rows")
+    return row["prompt"], row["completion"]
 
 
-def tokenize(row: dict, tokenizer, max_len: int | None = None) -> tuple[Example, bool]:
-    """Token ids and labels for one row; returns (example, was_truncated)."""
-    ids, labels = [], []
-    for i, (text, trained) in enumerate(segments(row, tokenizer)):
-        # plain prompts get the tokenizer's own special tokens (e.g. BOS); chat templates write theirs
-        specials = i == 0 and "messages" not in row
-        piece = tokenizer(text, add_special_tokens=specials)["input_ids"]
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
-    if "prompt" in row and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)    # learn to stop after a completion
-        labels.append(tokenizer.eos_token_id)
-    truncated = max_len is not None and len(ids) > max_len
-    if truncated:
-        ids, labels = ids[:max_len], labels[:max_len]
-    return Example(ids, labels), truncated
-
-
-def load_dataset(path: str | Path, tokenizer, max_len: int = 512, skip_bad_rows: bool = False) -> Dataset:
-    rows, bad = read_rows(path, skip_bad_rows)
-    ds = Dataset([], str(path), bad)
-    for row in rows:
-        ex, cut = tokenize(row, tokenizer, max_len)
-        ds.truncated += cut
-        ds.text_rows += "text" in row
-        shape = "text" if "text" in row else "messages" if "messages" in row else "prompt-completion"
-        ds.formats[shape] = ds.formats.get(shape, 0) + 1
-        if ex.n_labels == 0 and "text" not in row:
-            ds.dropped += 1
-        else:
-            ds.examples.append(ex)
-    if not ds.examples:
+# ---------------------------------------------------------------------------------------------
+# a whole file
+def load_dataset(path, tokenizer, max_len: int = 512, skip_bad_rows: bool = False, fmt: str = "auto",
+                 columns: dict | None = None, kl_data=None, progress: bool = True) -> Dataset:
+    """Every row of `path` (and `kl_data`'s rows as kl-text), tokenized, truncated to max_len.
+    A bad row stops with DataError('FILE:LINE: what'), or with skip_bad_rows is listed in bad_rows."""
+    ds = Dataset(Tokens(), str(path) + (f" + {kl_data}" if kl_data else ""))
+    sources = [scan(path, fmt, columns, skip_bad_rows, ds.bad_rows)]
+    if kl_data:
+        sources.append(_as_kl(scan(kl_data, "auto", None, skip_bad_rows, ds.bad_rows), kl_data))
+    bar = tqdm(desc="tokenizing", unit=" rows", disable=None if progress else True, leave=False, mininterval=1.0)
+    for source in sources:
+        batch = []
+        for item in source:
+            batch.append(item)
+            if len(batch) == BATCH:
+                _add(ds, batch, tokenizer, max_len, skip_bad_rows)
+                bar.update(len(batch))
+                batch = []
+        _add(ds, batch, tokenizer, max_len, skip_bad_rows)
+        bar.update(len(batch))
+    bar.close()
+    if not len(ds):
+        if not ds.formats:
+            raise DataError(f"{path}: no usable rows" + (f" ({len(ds.bad_rows)} bad)" if ds.bad_rows else ""))
         raise DataError(f"{path}: every row lost its completion to max_len={max_len}; raise max_len")
     return ds
+
+
+def _as_kl(items, path):
+    for shape, row, where in items:
+        if shape not in ("text", "kl-text"):
+            raise DataError(f"{where}: --kl-data {path} takes text or kl_text rows, found a {shape} row")
+        yield "kl-text", {"kl_text": row.get("text", row.get("kl_text"))}, where
+
+
+def _add(ds: Dataset, batch: list, tokenizer, max_len: int, skip_bad_rows: bool) -> None:
+    plans, kept = [], []
+    for shape, row, where in batch:
+        try:
+            plans.append(pieces(shape, row, tokenizer))
+            kept.append(shape)
+        except RowError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{where}: {e}") from None
+            ds.bad_rows.append(where.bad(str(e)))
+    for shape, (ids, mask) in zip(kept, encode(plans, tokenizer)):
+        ds.formats[shape] = ds.formats.get(shape, 0) + 1
+        ds.kl_rows += shape == "kl-text"
+        if len(ids) > max_len:
+            ds.truncated += 1
+            ids, mask = ids[:max_len], mask[:max_len]
+        if shape != "kl-text" and not any(mask[1:]):
+            ds.dropped += 1
+        else:
+            ds.examples.append(ids, mask)
 
 
 # ---------------------------------------------------------------------------------------------

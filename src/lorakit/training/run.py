@@ -28,6 +28,7 @@ from ..optim import state_bytes
 from ..quant import prepare_for_training, quantize
 from . import checkpoint, distributed
 from .data import load_dataset
+from .rows import parse_columns
 from .memory import PeakMemory, TensorPeak, model_tensors, trim_heap
 from .outputs import AdapterWeights, ModelWeights
 from .trainer import Trainer, TrainConfig
@@ -51,7 +52,7 @@ def train(**kwargs) -> dict:
     """Train an adapter; the keyword names are the `lorakit train` flags. Returns the run summary."""
     cfg, method_cfg = split_kwargs(kwargs)
     if cfg.data is None:
-        raise ValueError("train needs data=<path to a JSONL file>")
+        raise ValueError("train needs data=<a data file, folder or glob>")
     device = resolve_device(cfg.device)
     memory = PeakMemory(device).start()
     model, tokenizer = load_base(cfg.model, dtype=cfg.dtype)
@@ -94,8 +95,11 @@ def _prepare(model, tokenizer, cfg: TrainConfig, method_cfg, adapter: str) -> _R
                          "rows (one sequence, loss on the completion) and cannot train seq2seq yet. Its adapters "
                          "inject, merge and load both ways with peft; train them with peft or transformers' "
                          "Seq2SeqTrainer for now")
-    train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.skip_bad_rows)
-    eval_set = load_dataset(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else None
+    columns = parse_columns(cfg.columns)
+    show = cfg.progress and distributed.is_main()
+    train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.skip_bad_rows, cfg.format, columns, cfg.kl_data, show)
+    eval_set = load_dataset(cfg.eval_data, tokenizer, cfg.max_len, fmt=cfg.format, columns=columns,
+                            progress=show) if cfg.eval_data else None
     if distributed.is_main():
         print(f"data: {train_set.describe()}", file=sys.stderr)
     full = registry.of(method_cfg).family == "full"
@@ -138,7 +142,8 @@ def _summarize(model, cfg: TrainConfig, method_cfg, run: _Run, history: list, se
         "steps": trainer.total, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
         "seconds": seconds, "tokens_per_s": last.get("tokens_per_s"), "world_size": trainer.world,
         "trainable_params": report.trainable, "total_params": report.total, "trainable_percent": report.percent,
-        "data": {"rows": len(train_set), "truncated": train_set.truncated, "dropped_no_labels": train_set.dropped,
+        "data": {"rows": len(train_set), "formats": train_set.formats, "tokens": train_set.tokens,
+                 "loss_tokens": train_set.loss_tokens, "kl_rows": train_set.kl_rows, "truncated": train_set.truncated, "dropped_no_labels": train_set.dropped,
                  "bad_rows": len(train_set.bad_rows), "packed_rows": len(trainer.rows) if cfg.packing else None},
         "peak_memory": memory.summary(),
         "optimizer": {"name": cfg.optimizer, "class": type(trainer.optimizer).__name__,
@@ -180,7 +185,7 @@ def _planned(model, cfg: TrainConfig, method_cfg, train_set, world: int = 1) -> 
     """The planner's prediction for this run's configuration, recorded beside the measured peak."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]      # plan exactly this model, whatever cfg.model says
-    seq = cfg.max_len if cfg.packing else max(len(e.input_ids) for e in train_set.examples)  # batches pad to their longest
+    seq = cfg.max_len if cfg.packing else train_set.examples.longest  # batches pad to their longest
     micro = cfg.batch_size // world                                                          # rows per rank
     try:
         run = PlanConfig(recipe="fp32", optimizer="adamw" if cfg.optimizer == "adamw" else "adamw8bit",

@@ -27,6 +27,7 @@ from ..config import doc as _doc
 from ..inject import disabled
 from . import checkpoint, distributed
 from .data import IGNORE, Dataset, collate, collate_packed, pack
+from .rows import FORMATS, parse_columns
 from ..optim import AdamW8bit
 from .memory import return_freed_memory
 from .outputs import AdapterWeights
@@ -38,8 +39,15 @@ class TrainConfig:
     """How to train. Adapter shape (r, alpha, targets, ...) lives in the method's own config."""
 
     model: str = field(default="smollm2-135m-instruct", metadata=_doc("base model: embedded name, .gguf, folder, or tiny-<family>"))
-    data: str = field(default=None, metadata=_doc("training JSONL (prompt/completion or messages rows)"))
-    eval_data: str = field(default=None, metadata=_doc("held-out JSONL: loss during training, task score after"))
+    data: str = field(default=None, metadata=_doc(
+        "training rows: a JSONL, JSON, CSV or parquet file, a save_to_disk folder, or a folder or glob of shards"))
+    eval_data: str = field(default=None, metadata=_doc("held-out rows (same kinds): loss during training, task score after"))
+    format: str = field(default="auto", metadata=_doc(
+        "row shape: auto (detected per row and reported), text, prompt-completion, messages, alpaca, sharegpt, kl-text"))
+    columns: str = field(default=None, metadata=_doc(
+        "map other column names, e.g. prompt=instruction,completion=output (NAME=COLUMN, comma-separated)"))
+    kl_data: str = field(default=None, metadata=_doc(
+        "rows of general text (text or kl_text) that carry no loss and feed only the KL-to-base penalty"))
     out: str = field(default="runs/train", metadata=_doc("run folder: adapter (or model), checkpoints, metrics, plots"))
     method: str = field(default="lora", metadata=_doc("lora, dora, prompt, prefix, or full (every weight trains; writes a model folder)"))
     steps: int = field(default=None, metadata=_doc("optimizer steps (overrides epochs)"))
@@ -88,6 +96,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.epochs = {self.epochs!r}: expected > 0")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer = {self.optimizer!r}: expected one of {OPTIMIZERS}")
+        if self.format not in FORMATS:
+            raise ValueError(f"TrainConfig.format = {self.format!r}: expected one of {', '.join(FORMATS)}")
+        parse_columns(self.columns)
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"TrainConfig.quantize = {self.quantize!r}: expected 'nf4' or None")
 
@@ -185,8 +196,8 @@ class Trainer:
         self.rows = pack(train_set.examples, cfg.max_len) if cfg.packing else train_set.examples
         self.collate = collate_packed if cfg.packing else collate
         self.eval_rows = eval_set.examples if eval_set else []
-        if train_set.text_rows and not cfg.kl_base:
-            raise ValueError(f"{train_set.path}: {train_set.text_rows} 'text' rows carry no loss of their own; "
+        if train_set.kl_rows and not cfg.kl_base:
+            raise ValueError(f"{train_set.path}: {train_set.kl_rows} kl-text rows carry no loss of their own; "
                              "they only feed the KL-to-base penalty, so set kl_base > 0 (or remove them)")
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
@@ -201,6 +212,7 @@ class Trainer:
         self.warmup = int(cfg.warmup * self.total) if cfg.warmup < 1 else int(cfg.warmup)
         self.out = Path(cfg.out)
         self.step = 0
+        self._order = (None, None)          # (epoch, its permutation of the rows)
         self.history: list[dict] = []
         if cfg.grad_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.x name
@@ -212,8 +224,10 @@ class Trainer:
     def micro_batch(self, k: int) -> list:
         """Rows of global micro-batch k: epoch k // per_epoch, in a seeded permutation of that epoch."""
         epoch, i = divmod(k, self.per_epoch)
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
-        idx = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size].tolist()
+        if self._order[0] != epoch:        # one permutation per epoch, not per batch
+            seed = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.rows), generator=seed))
+        idx = self._order[1][i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size].tolist()
         return [self.rows[j] for j in idx]
 
     # -- one optimizer step ------------------------------------------------------------------------
