@@ -196,8 +196,9 @@ def _generation_routes(app: FastAPI, service: Service) -> None:
     async def completions(body: CompletionRequest, request: Request):
         adapter = service.authorize(request, body.model)
         ids = await service.prompt_ids(body)
-        max_tokens = 16 if body.max_tokens is None else _positive(body.max_tokens, "max_tokens")
-        return await service.run(request, body, ids, adapter, "text_completion", max_tokens, "prompt")
+        echo_only = body.echo and body.max_tokens == 0      # vLLM: the prompt's logprobs, nothing generated
+        max_tokens = 16 if body.max_tokens is None else 1 if echo_only else _positive(body.max_tokens, "max_tokens")
+        return await service.run(request, body, ids, adapter, "text_completion", max_tokens, "prompt", echo_only)
 
     @app.post("/v1/chat/completions", responses=responses(400, *auth, ok=streamed(ChatCompletionResponse)))
     async def chat(body: ChatRequest, request: Request):

@@ -28,7 +28,7 @@ import torch
 
 from .adapter_cache import AdapterCache, UnknownAdapter
 from .forward import Chunk, Runner
-from .sampling import BadParam, SamplingParams, sample
+from .sampling import BadParam, Logprob, SamplingParams, sample, token_logprobs
 from .scheduler import QueueFull, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class Event:
     token: int | None                    # the token drawn this step (None when finishing without one)
     finish_reason: str | None = None     # "stop" (EOS / stop token), "length", "abort" or "error"
     error: Exception | None = None       # why a request finished with "error" (or "abort" by the server)
+    logprob: Logprob | None = None       # the drawn token's, when the request asked for logprobs
+    prompt_logprobs: list | None = None  # with the first token, when asked: None, then one Logprob per prompt token
 
     @property
     def finished(self) -> bool:
@@ -149,6 +151,9 @@ class Engine:
         batch, logits = self._forward(batch, events)              # logits: (len(batch), vocab)
         if not batch:
             return events
+        batch, logits = self._score_prompts(batch, logits, events)
+        if not batch:
+            return events
         self.last_batch = (len(batch), sum(len(t) for _, t in batch))
         self.counts["steps"] += 1
         self.counts["batched_seqs"] += self.last_batch[0]
@@ -163,15 +168,55 @@ class Engine:
         if ready:
             seqs = [batch[row][0] for row in ready]
             drawn = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+            scored = self._logprobs(logits, ready, seqs, drawn)
             for seq, token in zip(seqs, drawn):
-                events.append(self._fail(seq, token) if isinstance(token, Exception) else self._emit(seq, token))
+                events.append(self._fail(seq, token) if isinstance(token, Exception)
+                              else self._emit(seq, token, scored.get(seq.id)))
         return events
+
+    @staticmethod
+    def _logprobs(logits, ready: list[int], seqs: list, drawn: list) -> dict[str, Logprob]:
+        """The drawn tokens' log-probabilities for the requests that asked, by request id."""
+        want = [(row, seq, tok) for row, seq, tok in zip(ready, seqs, drawn)
+                if seq.params.logprobs is not None and not isinstance(tok, Exception)]
+        out = {}
+        for k in {seq.params.logprobs for _, seq, _ in want}:           # one call per top-k size
+            group = [(row, seq, tok) for row, seq, tok in want if seq.params.logprobs == k]
+            scored = token_logprobs(logits[[row for row, _, _ in group]], [tok for _, _, tok in group], k)
+            out.update((seq.id, lp) for (_, seq, _), lp in zip(group, scored))
+        return out
+
+    def _score_prompts(self, batch: list, logits: torch.Tensor, events: list) -> tuple[list, torch.Tensor]:
+        """Prompt logprobs for the prefilling rows that asked; a row that fails here fails alone
+        (returns the rows left and their logits)."""
+        kept = []
+        for row, (seq, _) in enumerate(batch):
+            try:
+                if seq.params.prompt_logprobs is not None and not seq.decoding:
+                    self._prompt_logprobs(seq, seq.chunk.logits)
+                kept.append(row)
+            except Exception as e:
+                events.append(self._fail(seq, e))
+        if len(kept) == len(batch):
+            return batch, logits
+        return [batch[row] for row in kept], logits[kept]
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
+        """Score the prompt tokens this prefill chunk predicts; position j's logits predict token j + 1."""
+        start = seq.prefilled                                     # the chunk's first position (not yet counted)
+        if start == 0:
+            seq.prompt_lp = [None]                                # nothing predicts the first token
+        targets = seq.prompt[start + 1:start + 1 + len(logits)]   # one short at the prompt's end
+        seq.prompt_lp += token_logprobs(logits[:len(targets)], targets, seq.params.prompt_logprobs)
 
     def _forward(self, batch: list, events: list) -> tuple[list, torch.Tensor | None]:
         """Run the batch; when it raises, each chunk alone (forwards are all or nothing), failing only the
         sequences whose chunk fails by itself. Returns the batch that ran and its logits."""
         def chunk(seq, tokens):
-            return Chunk(seq.cache, torch.tensor(tokens, dtype=torch.long), seq.slot)
+            every = seq.params.prompt_logprobs is not None and not seq.decoding
+            seq.chunk = Chunk(seq.cache, torch.tensor(tokens, dtype=torch.long), seq.slot, every)
+            return seq.chunk
         try:
             return batch, self.runner.forward([chunk(s, t) for s, t in batch])
         except Exception as e:
@@ -193,8 +238,9 @@ class Engine:
         log.error("request %s (%s) failed: %r", seq.id, where, error)
         return self._finish(seq, None, "error", error)
 
-    def _emit(self, seq: Sequence, token: int) -> Event:
+    def _emit(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> Event:
         seq.output.append(token)
+        seq.logprob = logprob
         self.counts["generation_tokens"] += 1
         if seq.first_token is None:
             seq.first_token = time.monotonic()
@@ -203,9 +249,15 @@ class Engine:
             return self._finish(seq, token, "stop")
         if len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
             return self._finish(seq, token, "length")
-        event = Event(seq.id, token)
+        event = self._event(seq, token)
         self._call(seq, event)
         return event
+
+    @staticmethod
+    def _event(seq: Sequence, token: int | None, reason: str | None = None, error: Exception | None = None) -> Event:
+        first = token is not None and len(seq.output) == 1
+        return Event(seq.id, token, reason, error, seq.logprob if token is not None else None,
+                     seq.prompt_lp if first else None)
 
     def _finish(self, seq: Sequence, token: int | None, reason: str, error: Exception | None = None) -> Event:
         self.scheduler.finish(seq)
@@ -216,7 +268,7 @@ class Engine:
             self.counts["queue_seconds"] += seq.admitted - seq.arrived
             self.counts["first_token_seconds"] += seq.first_token - seq.arrived
             self.counts["request_seconds"] += now - seq.arrived
-        event = Event(seq.id, token, reason, error)
+        event = self._event(seq, token, reason, error)
         self._call(seq, event)
         return event
 

@@ -3,7 +3,8 @@
 Each step the engine hands `Runner.forward` a list of `Chunk`s: some sequences prefilling (many new
 tokens, possibly one piece of a long prompt), others decoding (one token), each with its own KV
 cache (`SeqCache`) and its own adapter slot. The runner appends every chunk's tokens to its cache
-and returns the fp32 logits of each chunk's last token.
+and returns the fp32 logits of each chunk's last token; a chunk marked `every` (a request that asked
+for prompt log-probabilities) also gets the logits of each of its positions in `chunk.logits`.
 
 - `LlamaRunner` (llama, qwen2, mistral): all chunks' tokens are one (N, hidden) set of rows, so
   every projection and MLP is one (adapter-batched) matmul per layer for the whole mixed batch;
@@ -49,6 +50,8 @@ class Chunk:
     cache: SeqCache
     tokens: torch.Tensor      # (n,) long, appended at positions cache.length .. cache.length + n - 1
     slot: int = -1            # the adapter slot of every token of this chunk (-1: the base model)
+    every: bool = False       # also keep the logits of every position, in `logits` (n, vocab) fp32
+    logits: torch.Tensor | None = None
 
 
 class Runner:
@@ -200,15 +203,22 @@ class LlamaRunner(Runner):
             for li, layer in enumerate(self.inner.layers):
                 x = x + self._attention(li, layer.self_attn, layer.input_layernorm(x), cos, sin, plan)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
-            last = self.inner.norm(x[(ends - 1).to(self.device)])                      # (B, hidden)
-            self._set_rows([c.slot for c in chunks])          # the head sees one row per chunk
-            logits = self.head(last).float()                                           # (B, vocab)
+            kept = [k if c.every else 1 for c, k in zip(chunks, counts)]              # rows the head sees
+            rows = torch.cat([torch.arange(b - m, b) for b, m in zip(ends.tolist(), kept)])
+            self._set_rows([c.slot for c in chunks], kept)
+            logits = self.head(self.inner.norm(x[rows.to(self.device)])).float()     # (sum(kept), vocab)
         finally:
             if self.handle is not None:
                 self.handle.set_rows(None)
         for c, k in zip(chunks, counts):
             c.cache.length += k
-        return logits
+        if not any(c.every for c in chunks):
+            return logits
+        last = torch.tensor(kept).cumsum(0)
+        for c, b, m in zip(chunks, last.tolist(), kept):
+            if c.every:
+                c.logits = logits[b - m:b]
+        return logits[last - 1]
 
     def _plan(self, chunks, counts, starts) -> dict:
         """Per window: each chunk's (cache, rows a:b, positions p:end, first key s, mask, causal)."""
@@ -290,10 +300,12 @@ class HFRunner(Runner):
             for c in chunks:
                 self._set_rows([c.slot])
                 kw = {self.cache_arg: c.cache.cache, "use_cache": True}
-                if self.keep_last:
+                if self.keep_last and not c.every:
                     kw["logits_to_keep"] = 1
                 logits = self.model(input_ids=c.tokens[None].to(self.device), **kw).logits    # (1, n | 1, vocab)
                 out.append(logits[0, -1].float())
+                if c.every:
+                    c.logits = logits[0].float()
                 c.cache.length += c.tokens.numel()
         except BaseException:
             for c, start in zip(chunks, starts):      # all or nothing, as LlamaRunner: the engine may retry

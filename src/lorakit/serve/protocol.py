@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP = 4            # stop strings per request, as OpenAI allows
+MAX_LOGPROBS = 20       # top log-probabilities per position (vLLM's max_logprobs default)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 499: "client_closed_request", 500: "server_error",
@@ -52,9 +53,6 @@ class _Strict(BaseModel):
 
 # field -> (neutral values, what to say): a neutral value passes, anything else is refused
 NOT_IMPLEMENTED = {
-    "logprobs": ((None, False), "logprobs are not implemented by this server yet"),
-    "top_logprobs": ((None, 0), "logprobs are not implemented by this server yet"),
-    "echo": ((False,), "echo is not implemented by this server yet"),
     "best_of": ((None, 1), "best_of is not implemented (send several requests)"),
     "suffix": ((None, ""), "suffix (insertion) is not implemented"),
     "presence_penalty": ((0, 0.0), "presence_penalty is not implemented by this server yet"),
@@ -120,12 +118,35 @@ class UnsupportedField(ValueError):
         self.param = param
 
 
+def _top_k(value, name: str) -> None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise UnsupportedField(name, f"{name}: expected an integer in [0, {MAX_LOGPROBS}], got {value}")
+
+
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = None
-    echo: bool = False
+    logprobs: int | None = None           # the top k per generated token (0: only the chosen token's)
+    echo: bool = False                    # return the prompt before the completion (its logprobs too)
+    prompt_logprobs: int | None = None    # vLLM's: the top k per prompt token (echo with logprobs implies it)
     best_of: int | None = None
     suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _check_logprobs(self):
+        _top_k(self.logprobs, "logprobs")
+        _top_k(self.prompt_logprobs, "prompt_logprobs")
+        if self.prompt_logprobs is not None and not (self.echo and self.logprobs is not None):
+            raise UnsupportedField("prompt_logprobs", "prompt_logprobs: only with echo: true and logprobs (they then "
+                                   "arrive in logprobs, beside the prompt's tokens)")
+        if self.stream and (self.logprobs is not None or self.echo or self.prompt_logprobs is not None):
+            field = "logprobs" if self.logprobs is not None else "echo" if self.echo else "prompt_logprobs"
+            raise UnsupportedField(field, f"{field} with stream: true is not implemented yet; send stream: false")
+        return self
+
+    @property
+    def prompt_top_k(self) -> int | None:
+        """vLLM's rule: prompt_logprobs, or with echo the logprobs count."""
+        return self.prompt_logprobs if self.prompt_logprobs is not None else self.logprobs if self.echo else None
 
 
 class TextPart(_Strict):
@@ -156,6 +177,15 @@ class ChatRequest(_Sampling):
     function_call: Union[str, dict[str, Any], None] = None
     response_format: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _check_logprobs(self):
+        _top_k(self.top_logprobs, "top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.stream and self.logprobs:
+            raise UnsupportedField("logprobs", "logprobs with stream: true is not implemented yet; send stream: false")
+        return self
+
 
 class LoadAdapter(_Strict):
     lora_name: str
@@ -173,10 +203,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]                 # the first prompt token's is null (with echo)
+    top_logprobs: list[dict[str, float] | None]        # the chosen token first, then the top k
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -185,10 +222,24 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -249,7 +300,11 @@ def streamed(model: type[BaseModel]) -> dict:
     """A 200 that is `model` as JSON, or server-sent events when the request sets `stream`."""
     return {"description": "the completion (JSON), or server-sent events with \"stream\": true",
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
-                        "text/event-stream": {"schema": {"type": "string"}}}}
+                        # before OpenAPI 3.2 an event stream's `schema` describes one event: its `data`
+                        # line holds a chunk as JSON, or "[DONE]"
+                        "text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                                         "properties": {"data": {"type": "string"},
+                                                                        "event": {"type": "string"}}}}}}
 
 
 # -- validation errors -> `param` -----------------------------------------------------------------

@@ -5,8 +5,10 @@ tokens it draws do not depend on which other requests share its batch.
 Numerically safe for every value `SamplingParams` admits: a temperature below `GREEDY_EPS` is greedy
 (vLLM's rule: dividing logits by 1e-40 overflows to inf and the softmax to NaN), filtering runs in
 float64, and a row whose logits are not finite fails alone (`NonFiniteLogits`), never the batch.
+Log-probabilities (`token_logprobs`) are of the model's own distribution, before temperature and
+filtering (vLLM's default `logprobs_mode="raw_logprobs"`), from the logits the step computed anyway.
 What this does not do: stop strings (text is the HTTP layer's business; the engine sees token ids)
-or penalties (repetition, presence, frequency) and logprobs, which lorakit does not offer yet.
+or penalties (repetition, presence, frequency), which lorakit does not offer yet.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 
 GREEDY_EPS = 1e-5          # temperatures below this sample greedily, as vLLM's _SAMPLING_EPS
+MAX_LOGPROBS = 20          # top-k log-probabilities a request may ask for (vLLM's max_logprobs default)
 
 
 class BadParam(ValueError):
@@ -38,6 +41,8 @@ class SamplingParams:
     seed: int | None = None                 # the same seed and prompt give the same tokens
     stop_token_ids: tuple[int, ...] = ()    # finish after generating one of these (it is kept in the output)
     ignore_eos: bool = False                # keep going past the model's end-of-sequence tokens
+    logprobs: int | None = None             # each generated token's log-probability and the top k (None: off)
+    prompt_logprobs: int | None = None      # the same for every prompt token after the first (None: off)
 
     def __post_init__(self):
         checks = [("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
@@ -47,6 +52,9 @@ class SamplingParams:
                   ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
                   ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                    "a list of token ids")]
+        checks += [(name, v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOGPROBS),
+                    f"an integer in [0, {MAX_LOGPROBS}]")
+                   for name, v in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))]
         for field, ok, what in checks:
             if not ok:
                 raise BadParam(field, f"{field} must be {what}, got {getattr(self, field)!r}")
@@ -61,6 +69,24 @@ class SamplingParams:
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One position: the log-probability of the token that is there, and the k most likely tokens."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()        # (token, log-probability), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[Logprob]:
+    """Row i of `logits` (n, V) scored at tokens[i]: its raw log-probability and the row's top k."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [Logprob(t, c) for t, c in zip(tokens, chosen)]
+    values, ids = lp.topk(k, -1)
+    return [Logprob(t, c, tuple(zip(i, v))) for t, c, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]
 
 
 class NonFiniteLogits(ArithmeticError):

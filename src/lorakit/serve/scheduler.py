@@ -50,6 +50,9 @@ class Sequence:
     load: object = None                      # the adapter's load future while waiting on it
     admitted: float | None = None            # when it joined the running batch (its adapter in a slot)
     first_token: float | None = None
+    chunk: object = None                     # the runner Chunk of the current step
+    prompt_lp: list | None = None            # prompt log-probabilities so far, when asked for
+    logprob: object = None                   # the latest drawn token's Logprob, when asked for
 
     @property
     def decoding(self) -> bool:

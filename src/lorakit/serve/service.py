@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 
 from .adapter_cache import AdapterError, AdapterLoadError
 from .engine import EngineUnavailable, Event, RequestFailed
+from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import SSE_DONE, APIError, ChatRequest, CompletionRequest, error_body, sse
 from .sampling import BadParam, NonFiniteLogits, SamplingParams
 from .scheduler import QueueFull
@@ -38,8 +39,15 @@ class Service:
         self.counts = {"client_disconnects": 0, "request_errors": 0}
         # one thread: tokenizers are not safe to share across threads, and prompts are bounded anyway
         self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-tokenize")
+        self._decoded: dict[int, str] = {}                  # token id -> its text alone, for logprobs
         vocab = getattr(served.tokenizer, "get_vocab", lambda: {})()
         self.max_token_chars = max((len(t) for t in vocab), default=0) or None   # chars one token covers at most
+
+    def decode_token(self, token: int) -> str:
+        text = self._decoded.get(token)
+        if text is None:
+            text = self._decoded[token] = self.served.tokenizer.decode([token])
+        return text
 
     # keys
     def allowed(self, request: Request) -> set[str] | None:
@@ -122,10 +130,19 @@ class Service:
             raise APIError(400, f"the {field} has {len(ids)} tokens, more than this server's limit of "
                                 f"{self.max_prompt_tokens}", field)
         try:
+            if self.chat_request(body):
+                logprobs, prompt_logprobs = ((body.top_logprobs or 0) if body.logprobs else None), None
+            else:
+                logprobs, prompt_logprobs = body.logprobs, body.prompt_top_k
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos)
+                                  top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos, logprobs=logprobs,
+                                  prompt_logprobs=prompt_logprobs)
         except BadParam as e:
             raise APIError(400, str(e), e.param) from None
+
+    @staticmethod
+    def chat_request(body) -> bool:
+        return isinstance(body, ChatRequest)
 
     # one request
     def submit(self, ids, adapter, params, field, deliver) -> str:
@@ -156,9 +173,11 @@ class Service:
                              f"{event.request_id}")
 
     async def run(self, request: Request, body, ids: list[int], adapter: str | None, kind: str,
-                  max_tokens: int, field: str):
+                  max_tokens: int, field: str, echo_only: bool = False):
+        """Submit and answer; `echo_only` (echo with max_tokens 0): one token is generated, as vLLM
+        does, and the answer holds the prompt alone."""
         params = self.params(body, ids, max_tokens, field)
-        run = Run(self, request, body, kind, len(ids))
+        run = Run(self, request, body, kind, ids, echo_only)
         run.request_id = self.submit(ids, adapter, params, field, run.deliver)
         run.watch()
         if not body.stream:
@@ -169,15 +188,17 @@ class Service:
 class Run:
     """One request between submit and its last byte: the engine's events -> text -> JSON or SSE."""
 
-    def __init__(self, service: Service, request: Request, body, kind: str, prompt_tokens: int):
+    def __init__(self, service: Service, request: Request, body, kind: str, ids: list[int], echo_only: bool = False):
         self.service, self.request, self.body, self.kind = service, request, body, kind
+        self.ids, self.echo_only = ids, echo_only
+        self.tokens, self.positions, self.prompt_positions = [], [], None     # what logprobs report
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         self.stream = TextStream(service.served.tokenizer, body.stops())
         self.deadline = time.monotonic() + service.limits.request_timeout
         self.chat = kind.startswith("chat")
         self.meta = dict(id=f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
                          model=body.model)
-        self.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
+        self.usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
         self.request_id, self.finished, self.watcher = None, False, None
 
     def deliver(self, event: Event) -> None:            # on the engine thread
@@ -217,6 +238,11 @@ class Run:
             if event.error is not None or event.finish_reason in ("error", "abort"):
                 self.finished = True
                 raise self.service.failure(event, self.body.model)
+            if event.token is not None:
+                self.tokens.append(event.token)
+                self.positions.append(event.logprob)
+            if event.prompt_logprobs is not None:
+                self.prompt_positions = event.prompt_logprobs
             text, stopped = self.stream.add(event.token) if event.token is not None else ("", False)
             self.usage["completion_tokens"] += event.token is not None
             if stopped:
@@ -231,9 +257,23 @@ class Run:
 
     def choice(self, text: str, reason: str | None, delta: bool) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            return {"index": 0, "text": text, "logprobs": None if delta else self.logprobs(), "finish_reason": reason}
         message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
-        return {"index": 0, ("delta" if delta else "message"): message, "logprobs": None, "finish_reason": reason}
+        return {"index": 0, ("delta" if delta else "message"): message,
+                "logprobs": None if delta else self.logprobs(), "finish_reason": reason}
+
+    def logprobs(self) -> dict | None:
+        """The finished request's logprobs object, or None when it asked for none."""
+        decode = self.service.decode_token
+        if self.chat:
+            return chat_logprobs(self.positions, self.body.top_logprobs or 0, decode) if self.body.logprobs else None
+        body = self.body
+        if body.logprobs is None:
+            return None
+        tokens, positions = ([], []) if self.echo_only else (self.tokens, self.positions)
+        if body.echo:
+            tokens, positions = self.ids + tokens, (self.prompt_positions or [None] * len(self.ids)) + positions
+        return completion_logprobs(positions, tokens, decode)
 
     def total(self) -> dict:
         return {**self.usage, "total_tokens": self.usage["prompt_tokens"] + self.usage["completion_tokens"]}
@@ -247,7 +287,12 @@ class Run:
             self.close()
         if reason is None:                                   # the client left: nobody reads this
             raise APIError(499, "the client disconnected")
-        return {**self.meta, "object": self.kind, "choices": [self.choice("".join(parts), reason, False)],
+        text = "" if self.echo_only else "".join(parts)
+        if not self.chat and self.body.echo:
+            prompt = self.body.prompt
+            prompt = prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else prompt
+            text = (prompt if isinstance(prompt, str) else self.service.served.tokenizer.decode(self.ids)) + text
+        return {**self.meta, "object": self.kind, "choices": [self.choice(text, reason, False)],
                 "usage": self.total()}
 
     async def events(self):
