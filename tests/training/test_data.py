@@ -155,7 +155,7 @@ def test_columnar_files_read_through_datasets_and_name_a_bad_row(tmp_path, kind)
     assert rows == ROWS[:2] and bad == []
     (tmp_path / "bad").mkdir()
     path = _write_table(kind, tmp_path / "bad", ROWS)
-    empty = "missing key 'completion'" if kind == "csv" else "empty completion"   # CSV reads an empty cell as none
+    empty = "empty completion"
     with pytest.raises(DataError, match=rf":row 3: {empty}"):
         read_rows(path)
     rows, bad = read_rows(path, skip_bad_rows=True)

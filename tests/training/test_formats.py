@@ -334,3 +334,27 @@ def test_masks_equal_trls_with_a_real_bpe_tokenizer(embedded_folder):
     assert tok.decode([t for t in expected[0][1] if t != IGNORE]).startswith(" world")   # the merged token trains
     for case in ("text", "conversational prompt-completion"):
         assert ours(TRL_CASES[case][0], tok) == trl_labels(TRL_CASES[case][0], tok, False), case
+
+
+def test_review_cases_numeric_csv_bom_detection_order_and_json_tool_results(tmp_path, tok):
+    # a CSV answer that looks like a number is text
+    csv = tmp_path / "math.csv"
+    csv.write_text("prompt,completion\nWhat is 2+2?,4\n")
+    assert read_rows(csv)[0] == [{"prompt": "What is 2+2?", "completion": "4"}]
+    # a byte-order mark is not data, and a non-UTF-8 line is a bad row like any other
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n\xff\xfe\n')
+    rows, bad = read_rows(bom, skip_bad_rows=True)
+    assert rows == [{"prompt": "a", "completion": "b"}] and bad[0]["line"] == 2 and "not UTF-8" in bad[0]["error"]
+    # TRL reads "prompt" before "text": a pre-rendered text column beside prompt/completion is not the row
+    both = load_dataset_rows([{"prompt": "Code:", "completion": " X", "text": "Code: X"}], tok)
+    assert both.formats == {"prompt-completion": 1} and loss_spans(both.examples[0], tok) == [" X<|im_end|>"]
+    # a template that writes tool results as JSON (`| tojson`, as Llama 3's do) still renders the turn
+    quoting = tiny_tokenizer()
+    quoting.chat_template = CHATML.replace("{% else %}<|im_start|>{{ m['role'] }}\n" + TURN,
+                                           "{% elif m['role'] == 'tool' %}<|im_start|>tool\n{{ m['content'] | tojson }}"
+                                           "<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n" + TURN)
+    row = json.loads(json.dumps(SHAPES["tool turns"][0][0]))
+    row["messages"][2]["content"] = '{"rate": "5 EUR"}'
+    ex = load_dataset_rows([row], quoting).examples[0]
+    assert '"{\\"rate\\": \\"5 EUR\\"}"' in quoting.decode(ex.input_ids)

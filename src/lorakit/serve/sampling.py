@@ -81,6 +81,8 @@ class Logprob:
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[Logprob]:
     """Row i of `logits` (n, V) scored at tokens[i]: its raw log-probability and the row's top k."""
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogits("the model produced non-finite logits (NaN or inf) for this request")
     lp = logits.float().log_softmax(-1)
     chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
     if not k:

@@ -35,6 +35,7 @@ from ..atomic import write_text
 from ..models import load_base, resolve_device
 from ..training import checkpoint
 from ..training.data import read_rows
+from ..training.rows import files_of
 from ..training.memory import PeakMemory, trim_heap
 from ..training.run import split_kwargs, train_model
 from ..training.trainer import NonFiniteLoss
@@ -76,8 +77,8 @@ class Sweep:
         self.settings = self.settings.resolved()
         self.heldout, _ = read_rows(self.eval_data)
         s = self.settings
-        self.context = {"model": self.model, "data": _digest(Path(self.data).read_bytes()),
-                        "eval_data": _digest(Path(self.eval_data).read_bytes()),
+        self.context = {"model": self.model, "data": _digest(_data_bytes(self.data)),
+                        "eval_data": _digest(_data_bytes(self.eval_data)),
                         "eval": {"max_new_tokens": s.max_new_tokens, "answer_regex": s.answer_regex,
                                  "regression_tokens": s.regression_tokens,
                                  "texts": _digest(json.dumps(s.texts).encode()),
@@ -85,6 +86,17 @@ class Sweep:
 
     def run_dir(self, config: dict) -> Path:
         return Path(self.out) / "runs" / run_id(config, self.context)
+
+
+def _data_bytes(spec: str) -> bytes:
+    """What a --data value names, as bytes to hash: its files (or save_to_disk folders' files), in order."""
+    if Path(spec).is_file():
+        return Path(spec).read_bytes()              # one file: its bytes (run ids of earlier sweeps stand)
+    out = []
+    for path in files_of(spec):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        out += [str(f.relative_to(path) if path.is_dir() else f.name).encode() + f.read_bytes() for f in files]
+    return b"\0".join(out)
 
 
 def _digest(data: bytes) -> str:

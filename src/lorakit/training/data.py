@@ -16,6 +16,7 @@ token, so a million-row file is not a million Python objects; rows stream in bat
 """
 from __future__ import annotations
 
+import json
 import re
 from array import array
 from collections.abc import Sequence
@@ -137,7 +138,8 @@ def render(tokenizer, msgs: list[dict], tools=None, **kwargs) -> str:
             if call["function"]["name"] not in text:
                 raise RowError(f"the chat template drops tool_calls (message {i} calls {call['function']['name']!r}, "
                                "which the rendered text never mentions): use a tokenizer whose template renders tools")
-        if m["role"] == "tool" and m["content"].strip() and m["content"].strip() not in text:
+        said = m["content"].strip()             # templates may write a tool result as JSON (`| tojson`)
+        if m["role"] == "tool" and said and said not in text and json.dumps(said)[1:-1] not in text:
             raise RowError(f"the chat template drops the tool turn (message {i})")
     for t in tools or ():
         name = (t.get("function") or t).get("name")
@@ -261,7 +263,8 @@ def load_dataset(path, tokenizer, max_len: int = 512, skip_bad_rows: bool = Fals
     ds = Dataset(Tokens(), str(path) + (f" + {kl_data}" if kl_data else ""))
     sources = [scan(path, fmt, columns, skip_bad_rows, ds.bad_rows)]
     if kl_data:
-        sources.append(_as_kl(scan(kl_data, "auto", None, skip_bad_rows, ds.bad_rows), kl_data))
+        sources.append(_as_kl(scan(kl_data, "auto", None, skip_bad_rows, ds.bad_rows), kl_data, skip_bad_rows,
+                              ds.bad_rows))
     bar = tqdm(desc="tokenizing", unit=" rows", disable=None if progress else True, leave=False, mininterval=1.0)
     for source in sources:
         batch = []
@@ -281,11 +284,15 @@ def load_dataset(path, tokenizer, max_len: int = 512, skip_bad_rows: bool = Fals
     return ds
 
 
-def _as_kl(items, path):
+def _as_kl(items, path, skip_bad_rows: bool, bad: list):
     for shape, row, where in items:
-        if shape not in ("text", "kl-text"):
-            raise DataError(f"{where}: --kl-data {path} takes text or kl_text rows, found a {shape} row")
-        yield "kl-text", {"kl_text": row.get("text", row.get("kl_text"))}, where
+        if shape in ("text", "kl-text"):
+            yield "kl-text", {"kl_text": row.get("text", row.get("kl_text"))}, where
+            continue
+        error = f"--kl-data {path} takes text or kl_text rows, found a {shape} row"
+        if not skip_bad_rows:
+            raise DataError(f"{where}: {error}")
+        bad.append(where.bad(error))
 
 
 def _add(ds: Dataset, batch: list, tokenizer, max_len: int, skip_bad_rows: bool) -> None:

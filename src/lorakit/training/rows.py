@@ -35,8 +35,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 COLUMNS = ("text", "prompt", "completion", "messages", "tools", "instruction", "input", "output", "system",
            "conversations", "kl_text")
 # the keys that say which shape a row has, in the order auto-detection tries them
-KEYS = (("messages", ("messages",)), ("sharegpt", ("conversations",)), ("kl-text", ("kl_text",)),
-        ("text", ("text",)), ("prompt-completion", ("prompt", "completion")), ("alpaca", ("instruction", "output")))
+KEYS = (("prompt-completion", ("prompt", "completion")), ("messages", ("messages",)),
+        ("sharegpt", ("conversations",)), ("kl-text", ("kl_text",)), ("text", ("text",)),
+        ("alpaca", ("instruction", "output")))           # TRL reads "prompt" before "messages" and "text"
 
 
 class DataError(ValueError):
@@ -265,7 +266,7 @@ def kind_of(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     with path.open("rb") as f:
-        head = f.read(64)
+        head = f.read(64).removeprefix(b"\xef\xbb\xbf")
     if head.startswith(b"PAR1") or path.suffix.lower() == ".parquet":
         return "parquet"
     if path.suffix.lower() == ".csv":
@@ -286,10 +287,10 @@ def _jsonl(path: Path):
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")      # a byte-order mark is not data
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
-                                "--data takes a JSONL file") from None
+                yield lineno, None, f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+                continue
             if not line.strip():
                 continue
             try:
@@ -307,8 +308,8 @@ def _columnar(path: Path, kind: str):
             if isinstance(table, datasets.DatasetDict):
                 raise DataError(f"{path} holds splits {list(table)}: name one, e.g. {path / next(iter(table))}")
         else:
-            loader = {"parquet": datasets.Dataset.from_parquet, "csv": datasets.Dataset.from_csv,
-                      "json": datasets.Dataset.from_json}[kind]
+            loader = {"parquet": datasets.Dataset.from_parquet, "json": datasets.Dataset.from_json,
+                      "csv": _read_csv}[kind]
             table = loader(str(path))
     except DataError:
         raise
@@ -319,6 +320,18 @@ def _columnar(path: Path, kind: str):
         for values in zip(*batch.values()):
             n += 1
             yield n, _drop_nulls(dict(zip(batch, values))), None
+
+
+def _read_csv(path: str):
+    """CSV cells are text: "4" is an answer, not the integer pandas would infer, and an empty cell
+    is an empty string."""
+    import csv
+
+    import datasets
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return datasets.Dataset.from_csv(path, features=features, keep_default_na=False)
 
 
 def _drop_nulls(value):

@@ -102,6 +102,10 @@ def _prepare(model, tokenizer, cfg: TrainConfig, method_cfg, adapter: str) -> _R
                             progress=show) if cfg.eval_data else None
     if distributed.is_main():
         print(f"data: {train_set.describe()}", file=sys.stderr)
+        if cfg.kl_base and train_set.formats.get("text") and not train_set.kl_rows:
+            print(f"warning: {train_set.formats['text']} 'text' rows train on every token (TRL's meaning) "
+                  "and none feeds the KL guard alone; guard rows are {\"kl_text\": ...} or --kl-data FILE "
+                  "(an earlier lorakit read text rows that way)", file=sys.stderr)
     full = registry.of(method_cfg).family == "full"
     weights = ModelWeights(tokenizer) if full else AdapterWeights(adapter)
     resume_from = None
