@@ -92,8 +92,12 @@ BAD = [  # (path, body or raw bytes, status, param, words in the message)
     ("/v1/completions", {**COMP, "logprobs": 1, "stream": True}, 400, "logprobs", "stream: true is not implemented"),
     ("/v1/completions", {**COMP, "echo": True, "stream": True}, 400, "echo", "stream: true is not implemented"),
     ("/v1/completions", {**COMP, "prompt_logprobs": 2}, 400, "prompt_logprobs", "only with echo"),
-    ("/v1/completions", {**COMP, "presence_penalty": 0.5}, 400, "presence_penalty", "not implemented"),
-    ("/v1/completions", {**COMP, "frequency_penalty": 1}, 400, "frequency_penalty", "not implemented"),
+    ("/v1/completions", {**COMP, "presence_penalty": 2.5}, 400, "presence_penalty", "in [-2, 2]"),
+    ("/v1/completions", {**COMP, "frequency_penalty": -3}, 400, "frequency_penalty", "in [-2, 2]"),
+    ("/v1/completions", {**COMP, "repetition_penalty": 0}, 400, "repetition_penalty", "in (0, 2]"),
+    ("/v1/completions", {**COMP, "logit_bias": {"x": 1}}, 400, "logit_bias", "keys are token ids"),
+    ("/v1/completions", {**COMP, "logit_bias": {"3": 101}}, 400, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {**COMP, "min_tokens": 99}, 400, "min_tokens", "[0, max_tokens]"),
     ("/v1/completions", {**COMP, "n": 2}, 400, "n", "n must be 1"),
     ("/v1/completions", {**COMP, "best_of": 3}, 400, "best_of", "not implemented"),
     ("/v1/completions", {**COMP, "min_p": 0.1}, 400, "min_p", "does not support"),
@@ -339,7 +343,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_documented_schema(root):
         def run(case, model, tokens):
             if model and isinstance(case.body, dict) and "model" in case.body:
                 case.body["model"] = model                             # reach generation, not only 404s
-                if isinstance(case.body.get("max_tokens"), int):
+                if type(case.body.get("max_tokens")) is int:               # not a bool: that is a negative case
                     case.body["max_tokens"] = tokens
             response = case.call()
             seen[response.status_code] = seen.get(response.status_code, 0) + 1

@@ -28,7 +28,7 @@ import torch
 
 from .adapter_cache import AdapterCache, UnknownAdapter
 from .forward import Chunk, Runner
-from .sampling import BadParam, Logprob, SamplingParams, sample, token_logprobs
+from .sampling import BadParam, Logprob, SamplingParams, process, sample, token_logprobs
 from .scheduler import QueueFull, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -167,12 +167,29 @@ class Engine:
             ready.append(row)
         if ready:
             seqs = [batch[row][0] for row in ready]
-            drawn = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+            rows, failed = self._processed(logits[ready], seqs)
+            drawn = sample(rows, [s.params for s in seqs], [s.generator for s in seqs])
+            drawn = [failed.get(i, token) for i, token in enumerate(drawn)]
             scored = self._logprobs(logits, ready, seqs, drawn)
             for seq, token in zip(seqs, drawn):
                 events.append(self._fail(seq, token) if isinstance(token, Exception)
                               else self._emit(seq, token, scored.get(seq.id)))
         return events
+
+    def _processed(self, rows: torch.Tensor, seqs: list) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """The rows after each request's logit processors (penalties, bias, min_tokens); a row whose
+        processing fails gets its exception (by row) and fails alone."""
+        failed = {}
+        if not any(seq.params.processed for seq in seqs):
+            return rows, failed
+        rows = rows.clone()
+        for i, seq in enumerate(seqs):
+            if seq.params.processed:
+                try:
+                    rows[i] = process(rows[i], seq.params, seq.prompt, seq.output, self.eos)
+                except Exception as e:                 # a bug here must not take the batch with it
+                    failed[i] = e
+        return rows, failed
 
     @staticmethod
     def _logprobs(logits, ready: list[int], seqs: list, drawn: list) -> dict[str, Logprob]:

@@ -55,9 +55,6 @@ class _Strict(BaseModel):
 NOT_IMPLEMENTED = {
     "best_of": ((None, 1), "best_of is not implemented (send several requests)"),
     "suffix": ((None, ""), "suffix (insertion) is not implemented"),
-    "presence_penalty": ((0, 0.0), "presence_penalty is not implemented by this server yet"),
-    "frequency_penalty": ((0, 0.0), "frequency_penalty is not implemented by this server yet"),
-    "logit_bias": ((None, {}), "logit_bias is not implemented by this server yet"),
     "tools": ((None, []), "tools (function calling) are not implemented"),
     "tool_choice": ((None, "none", "auto"), "tools (function calling) are not implemented"),
     "parallel_tool_calls": ((None,), "tools (function calling) are not implemented"),
@@ -91,7 +88,20 @@ class _Sampling(_Strict):
     user: str | None = None                        # an end-user id for the caller's own records: no effect
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None     # token id (as a string) -> added to its logit
+    repetition_penalty: float = 1.0                 # vLLM's extensions from here on
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias with its keys as token ids; UnsupportedField names a key that is not one."""
+        out = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise UnsupportedField("logit_bias", f"logit_bias: keys are token ids, got {key!r}")
+            out.append((int(key), value))
+        return tuple(out)
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self):

@@ -7,8 +7,12 @@ Numerically safe for every value `SamplingParams` admits: a temperature below `G
 float64, and a row whose logits are not finite fails alone (`NonFiniteLogits`), never the batch.
 Log-probabilities (`token_logprobs`) are of the model's own distribution, before temperature and
 filtering (vLLM's default `logprobs_mode="raw_logprobs"`), from the logits the step computed anyway.
-What this does not do: stop strings (text is the HTTP layer's business; the engine sees token ids)
-or penalties (repetition, presence, frequency), which lorakit does not offer yet.
+Logit processors, as vLLM applies them before sampling: `min_tokens` (EOS and stop tokens barred
+until that many are generated), `logit_bias` (added), `repetition_penalty` (tokens seen in the
+prompt or the output: positive logits divided by it, negative multiplied), `frequency_penalty`
+(minus penalty x count in the output) and `presence_penalty` (minus penalty once a token is in the
+output). Greedy rows see them too; logprobs stay the raw distribution's.
+What this does not do: stop strings (text is the HTTP layer's business; the engine sees token ids).
 """
 from __future__ import annotations
 
@@ -41,6 +45,11 @@ class SamplingParams:
     seed: int | None = None                 # the same seed and prompt give the same tokens
     stop_token_ids: tuple[int, ...] = ()    # finish after generating one of these (it is kept in the output)
     ignore_eos: bool = False                # keep going past the model's end-of-sequence tokens
+    presence_penalty: float = 0.0           # OpenAI's: subtracted once from a token already in the output
+    frequency_penalty: float = 0.0          # OpenAI's: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0         # vLLM's: >1 discourages tokens of the prompt and the output
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit), in [-100, 100]
+    min_tokens: int = 0                     # EOS and stop_token_ids barred until this many are generated
     logprobs: int | None = None             # each generated token's log-probability and the top k (None: off)
     prompt_logprobs: int | None = None      # the same for every prompt token after the first (None: off)
 
@@ -52,12 +61,28 @@ class SamplingParams:
                   ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
                   ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                    "a list of token ids")]
+        checks += [("presence_penalty", _number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                    "a number in [-2, 2]"),
+                   ("frequency_penalty", _number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                    "a number in [-2, 2]"),
+                   ("repetition_penalty", _number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+                    "a number in (0, 2]"),
+                   ("logit_bias", all(isinstance(t, int) and t >= 0 and _number(b) and -100 <= b <= 100
+                                      for t, b in self.logit_bias), "token ids mapped to numbers in [-100, 100]"),
+                   ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+                    "an integer in [0, max_tokens]")]
         checks += [(name, v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOGPROBS),
                     f"an integer in [0, {MAX_LOGPROBS}]")
                    for name, v in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))]
         for field, ok, what in checks:
             if not ok:
                 raise BadParam(field, f"{field} must be {what}, got {getattr(self, field)!r}")
+
+    @property
+    def processed(self) -> bool:
+        """Whether any logit processor applies (most requests: none, and their rows are left alone)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:
@@ -117,11 +142,34 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits.log_softmax(-1)
 
 
+def process(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int],
+            stop_ids=frozenset()) -> torch.Tensor:
+    """One row's (V,) logits after the request's processors, in vLLM's order: min_tokens, logit_bias,
+    then the penalties."""
+    logits = logits.clone()
+    vocab = logits.numel()
+    if p.min_tokens and len(output) < p.min_tokens:
+        barred = [t for t in (*stop_ids, *p.stop_token_ids) if t < vocab]
+        logits[barred] = float("-inf")
+    for token, bias in p.logit_bias:
+        if token < vocab:
+            logits[token] += bias
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted({t for t in (*prompt, *output) if t < vocab}), dtype=torch.long)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    if output and (p.frequency_penalty or p.presence_penalty):
+        counts = torch.bincount(torch.tensor(output), minlength=vocab)[:vocab].to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator]) -> list[int | Exception]:
     """One next token per row of `logits` (B, V), row i drawn with params[i] and generators[i]; a row that
     cannot be sampled gets its exception instead of a token (the others are unaffected)."""
-    finite = torch.isfinite(logits).all(-1).tolist()   # (B,)
+    # -inf is a barred token (min_tokens, a -inf bias); NaN, +inf or nothing left to draw is a broken row
+    finite = (~(logits.isnan() | logits.isposinf()).any(-1) & (logits > float("-inf")).any(-1)).tolist()   # (B,)
     out: list[int | Exception] = logits.argmax(-1).tolist()   # greedy rows are done here, in one call
     for i, p in enumerate(params):
         if not finite[i]:

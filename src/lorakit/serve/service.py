@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from .adapter_cache import AdapterError, AdapterLoadError
 from .engine import EngineUnavailable, Event, RequestFailed
 from .logprobs import chat_logprobs, completion_logprobs
-from .protocol import SSE_DONE, APIError, ChatRequest, CompletionRequest, error_body, sse
+from .protocol import SSE_DONE, APIError, ChatRequest, CompletionRequest, UnsupportedField, error_body, sse
 from .sampling import BadParam, NonFiniteLogits, SamplingParams
 from .scheduler import QueueFull
 from .server import ServedModel
@@ -136,8 +136,13 @@ class Service:
                 logprobs, prompt_logprobs = body.logprobs, body.prompt_top_k
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos, logprobs=logprobs,
-                                  prompt_logprobs=prompt_logprobs)
+                                  prompt_logprobs=prompt_logprobs, presence_penalty=body.presence_penalty,
+                                  frequency_penalty=body.frequency_penalty,
+                                  repetition_penalty=body.repetition_penalty, logit_bias=body.bias(),
+                                  min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()))
         except BadParam as e:
+            raise APIError(400, str(e), e.param) from None
+        except UnsupportedField as e:
             raise APIError(400, str(e), e.param) from None
 
     @staticmethod
@@ -193,7 +198,7 @@ class Run:
         self.ids, self.echo_only = ids, echo_only
         self.tokens, self.positions, self.prompt_positions = [], [], None     # what logprobs report
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
-        self.stream = TextStream(service.served.tokenizer, body.stops())
+        self.stream = TextStream(service.served.tokenizer, body.stops(), body.skip_special_tokens)
         self.deadline = time.monotonic() + service.limits.request_timeout
         self.chat = kind.startswith("chat")
         self.meta = dict(id=f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),

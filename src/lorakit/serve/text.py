@@ -9,8 +9,9 @@ from __future__ import annotations
 
 
 class TextStream:
-    def __init__(self, tokenizer, stops: list[str] = ()):
+    def __init__(self, tokenizer, stops: list[str] = (), skip_special_tokens: bool = True):
         self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.skip_special_tokens = skip_special_tokens
         self.hold = max((len(s) for s in self.stops), default=1) - 1    # chars a stop string could still claim
         self.ids: list[int] = []
         self.text, self.sent = "", 0
@@ -18,7 +19,7 @@ class TextStream:
     def add(self, token: int) -> tuple[str, bool]:
         """(new text safe to send, whether a stop string ended the text; the stop string is not sent)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
         self.text = text
         settled = len(text.rstrip("\ufffd"))          # a trailing half character waits for the rest of its bytes
         found = [at for stop in self.stops if (at := text.find(stop, max(0, self.sent - len(stop) + 1))) != -1]
