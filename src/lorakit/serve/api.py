@@ -2,7 +2,7 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both stream with
 server-sent events when `stream` is true), POST /v1/load_lora_adapter and /v1/unload_lora_adapter
-(as vLLM names them), GET /health, GET /metrics (Prometheus text). A request's `model` is the base
+and POST /tokenize and /detokenize (as vLLM names them), GET /health, GET /metrics (Prometheus text). A request's `model` is the base
 model's name (or "base") or an adapter's name, as in vLLM and LoRAX.
 No request can stop the server or touch another's: a body is capped (413) and parsed strictly
 before any route runs (middleware.py); each request's life is in service.py; every non-2xx answer
@@ -31,8 +31,8 @@ from .adapter_cache import AdapterError, AdapterLoadError, AdapterPathError
 from .metrics import Collector
 from .middleware import BodyGuard, CountRequests
 from .protocol import (APIError, ChatCompletionResponse, ChatRequest, CompletionRequest, CompletionResponse,
-                       Health, LoadAdapter, ModelList, UnloadAdapter, error_body, responses, streamed,
-                       validation_error)
+                       DetokenizeRequest, DetokenizeResponse, Health, LoadAdapter, ModelList, TokenizeRequest,
+                       TokenizeResponse, UnloadAdapter, error_body, responses, streamed, validation_error)
 from .server import ServedModel
 from .service import Service
 
@@ -90,7 +90,8 @@ def create_app(served: ServedModel, api_keys: dict[str, set[str]] | None = None,
 def _errors(app: FastAPI) -> None:
     """Every non-2xx answer in OpenAI's error shape."""
     models = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
-              "/v1/load_lora_adapter": LoadAdapter, "/v1/unload_lora_adapter": UnloadAdapter}
+              "/v1/load_lora_adapter": LoadAdapter, "/v1/unload_lora_adapter": UnloadAdapter,
+              "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -131,6 +132,43 @@ def _routes(app: FastAPI, service: Service) -> None:
     _status_routes(app, service)
     _adapter_routes(app, service)
     _generation_routes(app, service)
+    _token_routes(app, service)
+
+
+def _token_routes(app: FastAPI, service: Service) -> None:
+    """POST /tokenize and /detokenize, as vLLM has them (no /v1 prefix)."""
+    tokenizer, engine = service.served.tokenizer, service.engine
+
+    @app.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True,
+              responses=responses(400, 401, 403, 404))
+    async def tokenize(body: TokenizeRequest, request: Request):
+        if body.model is not None:
+            service.authorize(request, body.model)
+        else:
+            service.allowed(request)
+        if body.prompt is not None:
+            service.check_length(len(body.prompt), "prompt")
+            specials = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = await service.off_loop(lambda: tokenizer.encode(body.prompt, add_special_tokens=specials))
+        else:
+            ids = await service.render_messages(body.messages, body.add_generation_prompt,
+                                                bool(body.add_special_tokens))
+        out = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=responses(400, 401, 403, 404))
+    async def detokenize(body: DetokenizeRequest, request: Request):
+        if body.model is not None:
+            service.authorize(request, body.model)
+        else:
+            service.allowed(request)
+        vocab = engine.vocab_size or len(tokenizer)
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is not in [0, {vocab})", "tokens")
+        return {"prompt": await service.off_loop(tokenizer.decode, body.tokens)}
 
 
 def _status_routes(app: FastAPI, service: Service) -> None:

@@ -197,6 +197,28 @@ class ChatRequest(_Sampling):
         return self
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt (special tokens added by default) or chat messages (rendered with
+    the chat template and the generation prompt by default; the template writes its own specials)."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise UnsupportedField("prompt", "send exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
 class LoadAdapter(_Strict):
     lora_name: str
     lora_path: str
@@ -268,6 +290,17 @@ class CompletionResponse(_Completion):
 class ChatCompletionResponse(_Completion):
     object: Literal["chat.completion"]
     choices: list[ChatChoice]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -109,12 +109,17 @@ class Service:
         return await self.off_loop(self.served.tokenizer.encode, prompt)
 
     async def chat_ids(self, body: ChatRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        return await self.render_messages(body.messages)
+
+    async def render_messages(self, messages, generation_prompt: bool = True, specials: bool = False) -> list[int]:
+        """Token ids of chat messages through the chat template (which writes its own special tokens)."""
+        messages = [{"role": m.role, "content": m.text()} for m in messages]
         self.check_length(sum(len(m["content"]) for m in messages), "messages")
 
         def render():
-            text = self.served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.served.tokenizer.encode(text, add_special_tokens=False)
+            text = self.served.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                             tokenize=False)
+            return self.served.tokenizer.encode(text, add_special_tokens=specials)
         try:
             return await self.off_loop(render)
         except Exception as e:
