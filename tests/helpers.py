@@ -21,3 +21,18 @@ def randomize(model, seed=1, scale=0.1):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * scale + (p if "copies" in name else 0))
     return model
+
+
+def loss_spans(ex, tok) -> list[str]:
+    """An example's loss-bearing tokens (labels equal to their ids), decoded run by run."""
+    from lorakit.training.data import IGNORE
+    spans, cur = [], []
+    for i, t in zip(ex.input_ids, ex.labels):
+        if t == IGNORE:
+            if cur:
+                spans.append(tok.decode(cur))
+            cur = []
+        else:
+            assert t == i
+            cur.append(t)
+    return spans + ([tok.decode(cur)] if cur else [])

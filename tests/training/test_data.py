@@ -5,6 +5,7 @@ import torch
 
 from lorakit.models import tiny_model, tiny_tokenizer
 from lorakit.training.data import IGNORE, DataError, collate, collate_packed, load_dataset, pack, read_rows, tokenize
+from tests.helpers import loss_spans
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +33,7 @@ def test_messages_mask_everything_but_assistant_turns(tok):
     ex, _ = tokenize(row, tok)
     full = tok.apply_chat_template(row["messages"], tokenize=False)
     assert tok.decode(ex.input_ids) == full                      # the ids are the rendered conversation
-    spans, cur = [], []
-    for i, t in zip(ex.input_ids, ex.labels):
-        if t == IGNORE:
-            if cur:
-                spans.append(tok.decode(cur))
-                cur = []
-        else:
-            assert t == i
-            cur.append(t)
-    spans.append(tok.decode(cur))
-    assert spans == ["Hello!<|im_end|>\n", "RET-STD<|im_end|>\n"]
+    assert loss_spans(ex, tok) == ["Hello!<|im_end|>\n", "RET-STD<|im_end|>\n"]
 
 
 def _write(tmp_path, lines):

@@ -15,6 +15,7 @@ from lorakit.cli import main
 from lorakit.models import CHATML, TURN, tiny_model, tiny_tokenizer
 from lorakit.training.data import IGNORE, DataError, load_dataset
 from lorakit.training.rows import read_rows
+from tests.helpers import loss_spans
 
 TOOLS = [{"type": "function", "function": {"name": "get_rate", "description": "Shipping rate for a zone",
                                            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}]
@@ -96,20 +97,6 @@ def write(kind, folder, rows):
         {"parquet": table.to_parquet, "csv": lambda p: table.to_csv(p, index=False),
          "save_to_disk": table.save_to_disk}[kind](str(path))
     return path
-
-
-def loss_spans(ex, tok) -> list[str]:
-    """The loss-bearing tokens, decoded run by run."""
-    spans, cur = [], []
-    for i, t in zip(ex.input_ids, ex.labels):
-        if t == IGNORE:
-            if cur:
-                spans.append(tok.decode(cur))
-            cur = []
-        else:
-            assert t == i
-            cur.append(t)
-    return spans + ([tok.decode(cur)] if cur else [])
 
 
 @pytest.mark.parametrize("shape,kind", CASES, ids=[f"{s}-{k}" for s, k in CASES])

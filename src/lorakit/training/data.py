@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .rows import DataError, RowError, read_rows, scan
+from .rows import DataError, RowError, normalize, read_rows, scan
 
 __all__ = ["IGNORE", "DataError", "Example", "Dataset", "load_dataset", "read_rows", "tokenize", "prompt_text",
            "resolve", "collate", "collate_packed", "pack"]
@@ -233,7 +233,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def tokenize(row: dict, tokenizer, max_len: int | None = None, shape: str | None = None) -> tuple[Example, bool]:
     """Token ids and labels for one row; returns (example, was_truncated)."""
     if shape is None:
-        from .rows import normalize
         shape, row = normalize(row)
     [(ids, mask)] = encode([pieces(shape, row, tokenizer)], tokenizer)
     truncated = max_len is not None and len(ids) > max_len
