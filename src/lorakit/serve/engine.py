@@ -30,6 +30,7 @@ from .adapter_cache import AdapterCache, UnknownAdapter
 from .forward import Chunk, Runner
 from .sampling import BadParam, Logprob, SamplingParams, process, sample, token_logprobs
 from .scheduler import QueueFull, Scheduler, Sequence
+from .structured import Grammars, advance, constrain
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,19 @@ class Event:
         return self.finish_reason is not None
 
 
+def _attempt(fn, *args):
+    """fn(*args)[0], or the exception it raised."""
+    try:
+        return fn(*args)[0]
+    except Exception as e:
+        return e
+
+
 class Engine:
     def __init__(self, runner: Runner, adapters: AdapterCache | None = None, eos_token_ids: Iterable[int] = (),
                  max_num_seqs: int = 16, max_batch_tokens: int = 512, max_queue: int = 256,
-                 max_model_len: int | None = None, vocab_size: int | None = None):
-        self.runner, self.adapters = runner, adapters
+                 max_model_len: int | None = None, vocab_size: int | None = None, grammars: Grammars | None = None):
+        self.runner, self.adapters, self.grammars = runner, adapters, grammars
         self.eos = frozenset(int(t) for t in eos_token_ids)
         self.max_model_len = min(runner.max_length, max_model_len or runner.max_length)
         self.vocab_size = vocab_size
@@ -84,10 +93,11 @@ class Engine:
 
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, prompt: list[int], adapter: str | None = None, params: SamplingParams | None = None,
-               callback: Callable[[Event], None] | None = None) -> str:
+               callback: Callable[[Event], None] | None = None, matcher=None) -> str:
         """Queue a request; returns its id. Raises BadParam (400), UnknownAdapter (404), QueueFull (429),
         EngineUnavailable (503). The queue bound counts requests waiting for a row: a request the
-        engine can admit now (a row is free) never gets QueueFull."""
+        engine can admit now (a row is free) never gets QueueFull. A structured request's `matcher`
+        may be made beforehand (off the caller's event loop); otherwise it is made here."""
         if self.failure is not None or self._stopping:
             raise EngineUnavailable("the engine is not running" + (f": it failed ({self.failure!r})"
                                                                      if self.failure is not None else ""))
@@ -106,7 +116,12 @@ class Engine:
                                          f"{self.max_model_len - len(prompt)}")
         if adapter is not None and (self.adapters is None or adapter not in self.adapters):
             raise UnknownAdapter.named(adapter)
-        seq = Sequence(prompt, adapter, params, callback)
+        if params.structured is not None and matcher is None:
+            if self.grammars is None:
+                raise BadParam(params.structured.param, f"{params.structured.param}: structured output is not "
+                                                        "available on this server (it has no grammar engine)")
+            matcher = self.grammars.matcher(params.structured)
+        seq = Sequence(prompt, adapter, params, callback, matcher=matcher)
         with self._lock:
             free_rows = max(0, self.scheduler.max_num_seqs - len(self.scheduler.running))
             if self.queue_depth >= self.scheduler.max_queue + free_rows:
@@ -167,13 +182,15 @@ class Engine:
             ready.append(row)
         if ready:
             seqs = [batch[row][0] for row in ready]
-            rows, failed = self._processed(logits[ready], seqs)
+            raw = self._constrained(logits[ready], seqs)           # a copy: the grammar masks go in place
+            rows, failed = self._processed(raw, seqs)
             drawn = sample(rows, [s.params for s in seqs], [s.generator for s in seqs])
             drawn = [failed.get(i, token) for i, token in enumerate(drawn)]
-            scored = self._logprobs(logits, ready, seqs, drawn)
+            scored = self._logprobs(raw, seqs, drawn)
             for seq, token in zip(seqs, drawn):
-                events.append(self._fail(seq, token) if isinstance(token, Exception)
-                              else self._emit(seq, token, scored.get(seq.id)))
+                lp = scored.get(seq.id)
+                failure = token if isinstance(token, Exception) else lp if isinstance(lp, Exception) else None
+                events.append(self._fail(seq, failure) if failure is not None else self._emit(seq, token, lp))
         return events
 
     def _processed(self, rows: torch.Tensor, seqs: list) -> tuple[torch.Tensor, dict[int, Exception]]:
@@ -191,15 +208,31 @@ class Engine:
                     failed[i] = e
         return rows, failed
 
+    def _constrained(self, rows: torch.Tensor, seqs: list) -> torch.Tensor:
+        """The rows with each structured request's grammar mask applied (the others untouched); a
+        request whose mask cannot be computed fails alone, as a row of NaN the sampler reports."""
+        if any(seq.matcher is not None for seq in seqs):
+            for i, seq in enumerate(seqs):
+                try:
+                    constrain(rows[i:i + 1], self.grammars, [seq.matcher])
+                except Exception as e:
+                    log.error("request %s: the grammar mask failed: %r", seq.id, e)
+                    rows[i] = float("nan")
+        return rows
+
     @staticmethod
-    def _logprobs(logits, ready: list[int], seqs: list, drawn: list) -> dict[str, Logprob]:
-        """The drawn tokens' log-probabilities for the requests that asked, by request id."""
-        want = [(row, seq, tok) for row, seq, tok in zip(ready, seqs, drawn)
+    def _logprobs(logits, seqs: list, drawn: list) -> dict[str, Logprob]:
+        """The drawn tokens' log-probabilities for the requests that asked, by request id (row i of
+        `logits` is seqs[i]'s)."""
+        want = [(row, seq, tok) for row, (seq, tok) in enumerate(zip(seqs, drawn))
                 if seq.params.logprobs is not None and not isinstance(tok, Exception)]
         out = {}
         for k in {seq.params.logprobs for _, seq, _ in want}:           # one call per top-k size
             group = [(row, seq, tok) for row, seq, tok in want if seq.params.logprobs == k]
-            scored = token_logprobs(logits[[row for row, _, _ in group]], [tok for _, _, tok in group], k)
+            try:
+                scored = token_logprobs(logits[[row for row, _, _ in group]], [tok for _, _, tok in group], k)
+            except Exception:                          # find the row at fault: it alone fails
+                scored = [_attempt(token_logprobs, logits[row:row + 1], [tok], k) for row, _, tok in group]
             out.update((seq.id, lp) for (_, seq, _), lp in zip(group, scored))
         return out
 
@@ -256,13 +289,17 @@ class Engine:
         return self._finish(seq, None, "error", error)
 
     def _emit(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> Event:
+        try:
+            complete = seq.matcher is not None and advance(seq.matcher, token)
+        except Exception as e:
+            return self._fail(seq, e)
         seq.output.append(token)
         seq.logprob = logprob
         self.counts["generation_tokens"] += 1
         if seq.first_token is None:
             seq.first_token = time.monotonic()
         p = seq.params
-        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids or complete:
             return self._finish(seq, token, "stop")
         if len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
             return self._finish(seq, token, "length")

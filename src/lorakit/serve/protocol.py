@@ -14,6 +14,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .structured import Structured
+
 MAX_STOP = 4            # stop strings per request, as OpenAI allows
 MAX_LOGPROBS = 20       # top log-probabilities per position (vLLM's max_logprobs default)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -60,12 +62,42 @@ NOT_IMPLEMENTED = {
     "parallel_tool_calls": ((None,), "tools (function calling) are not implemented"),
     "functions": ((None, []), "functions (function calling) are not implemented"),
     "function_call": ((None, "none", "auto"), "functions (function calling) are not implemented"),
-    "response_format": ((None, {"type": "text"}), "response_format (structured output) is not implemented"),
 }
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchema(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text (free), json_object (any JSON object) or json_schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise UnsupportedField("response_format.json_schema", "response_format: json_schema (with its schema) "
+                                   "goes with type \"json_schema\" and only with it")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs: exactly one constraint."""
+    json_: Union[dict[str, Any], str, None] = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
 def _neutral(value, neutral: tuple) -> bool:
@@ -93,6 +125,40 @@ class _Sampling(_Strict):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None     # OpenAI's structured output
+    structured_outputs: StructuredOutputs | None = None   # vLLM's, and its older guided_* fields:
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+
+    def structured(self) -> Structured | None:
+        """The request's output constraint, from whichever field names it (at most one may)."""
+        found = []
+        if self.response_format is not None and self.response_format.type == "json_object":
+            found.append(Structured("json_object", param="response_format"))
+        elif self.response_format is not None and self.response_format.type == "json_schema":
+            found.append(Structured("json", _json(self.response_format.json_schema.schema_), "response_format"))
+        so = self.structured_outputs
+        if so is not None:
+            given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                         ("grammar", so.grammar), ("json_object", so.json_object or None))]
+            given = [(k, v) for k, v in given if v is not None]
+            if len(given) != 1:
+                raise UnsupportedField("structured_outputs", "structured_outputs: give exactly one of json, regex, "
+                                       f"choice, grammar and json_object (got {', '.join(k for k, _ in given) or 'none'})")
+            kind, value = given[0]
+            found.append(Structured(kind, "" if kind == "json_object" else _json(value) if kind in ("json", "choice")
+                                    else value, f"structured_outputs.{kind}"))
+        for kind, value in (("json", self.guided_json), ("regex", self.guided_regex),
+                            ("choice", self.guided_choice), ("grammar", self.guided_grammar)):
+            if value is not None:
+                found.append(Structured(kind, _json(value) if kind != "regex" and kind != "grammar" else value,
+                                        f"guided_{kind}"))
+        if len(found) > 1:
+            raise UnsupportedField(found[1].param, f"{found[1].param}: only one output constraint per request "
+                                   f"(this one also has {found[0].param})")
+        return found[0] if found else None
 
     def bias(self) -> tuple[tuple[int, float], ...]:
         """logit_bias with its keys as token ids; UnsupportedField names a key that is not one."""
@@ -118,6 +184,10 @@ class _Sampling(_Strict):
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+def _json(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 class UnsupportedField(ValueError):
@@ -185,7 +255,6 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Union[str, dict[str, Any], None] = None
-    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self):

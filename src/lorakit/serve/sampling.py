@@ -11,7 +11,8 @@ Logit processors, as vLLM applies them before sampling: `min_tokens` (EOS and st
 until that many are generated), `logit_bias` (added), `repetition_penalty` (tokens seen in the
 prompt or the output: positive logits divided by it, negative multiplied), `frequency_penalty`
 (minus penalty x count in the output) and `presence_penalty` (minus penalty once a token is in the
-output). Greedy rows see them too; logprobs stay the raw distribution's.
+output). Greedy rows see them too; logprobs stay the raw distribution's (a structured-output mask, which
+comes before them, is part of it, as in vLLM).
 What this does not do: stop strings (text is the HTTP layer's business; the engine sees token ids).
 """
 from __future__ import annotations
@@ -52,6 +53,7 @@ class SamplingParams:
     min_tokens: int = 0                     # EOS and stop_token_ids barred until this many are generated
     logprobs: int | None = None             # each generated token's log-probability and the top k (None: off)
     prompt_logprobs: int | None = None      # the same for every prompt token after the first (None: off)
+    structured: object = None               # a structured.Structured constraint on the output (None: free)
 
     def __post_init__(self):
         checks = [("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
@@ -105,8 +107,9 @@ class Logprob:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[Logprob]:
-    """Row i of `logits` (n, V) scored at tokens[i]: its raw log-probability and the row's top k."""
-    if not torch.isfinite(logits).all():
+    """Row i of `logits` (n, V) scored at tokens[i]: its raw log-probability and the row's top k.
+    -inf is a barred token (a grammar mask); NaN or +inf, a broken row."""
+    if (logits.isnan() | logits.isposinf()).any():
         raise NonFiniteLogits("the model produced non-finite logits (NaN or inf) for this request")
     lp = logits.float().log_softmax(-1)
     chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
@@ -169,11 +172,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     """One next token per row of `logits` (B, V), row i drawn with params[i] and generators[i]; a row that
     cannot be sampled gets its exception instead of a token (the others are unaffected)."""
     # -inf is a barred token (min_tokens, a -inf bias); NaN, +inf or nothing left to draw is a broken row
-    finite = (~(logits.isnan() | logits.isposinf()).any(-1) & (logits > float("-inf")).any(-1)).tolist()   # (B,)
+    finite = (~(logits.isnan() | logits.isposinf()).any(-1)).tolist()                  # (B,)
+    open_ = (logits > float("-inf")).any(-1).tolist()
     out: list[int | Exception] = logits.argmax(-1).tolist()   # greedy rows are done here, in one call
     for i, p in enumerate(params):
         if not finite[i]:
             out[i] = NonFiniteLogits("the model produced non-finite logits (NaN or inf) for this request")
+        elif not open_[i]:
+            out[i] = BadParam("min_tokens" if p.min_tokens else "logit_bias", "every token is barred: the "
+                              "request's structured output, min_tokens and logit_bias leave nothing to draw")
         elif not p.greedy:
             try:
                 # on the CPU: the request's generator is a CPU one, and the draw then does not depend on the device

@@ -53,6 +53,7 @@ class Sequence:
     chunk: object = None                     # the runner Chunk of the current step
     prompt_lp: list | None = None            # prompt log-probabilities so far, when asked for
     logprob: object = None                   # the latest drawn token's Logprob, when asked for
+    matcher: object = None                   # the grammar matcher of a structured-output request
 
     @property
     def decoding(self) -> bool:

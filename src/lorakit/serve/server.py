@@ -23,6 +23,7 @@ from .adapter_cache import AdapterCache, AdapterError, confine
 from .engine import Engine
 from .forward import runner_for
 from .slots import attach
+from .structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ServeConfig:
     max_request_bytes: int = field(default=1 << 20, metadata=_doc("largest request body in bytes (larger: 413)"))
     strict: bool = field(default=False, metadata=_doc("stop at start-up on an adapter folder that cannot be "
                                                       "registered (default: skip it with a warning)"))
+    disable_any_whitespace: bool = field(default=False, metadata=_doc("structured JSON output without free "
+                                                                      "whitespace between tokens (vLLM's option)"))
 
     def __post_init__(self):
         for key in ("max_num_seqs", "max_batch_tokens", "max_queue", "max_cpu_adapters", "max_tokens",
@@ -131,12 +134,24 @@ def build(config: ServeConfig) -> ServedModel:
     eos_ids = set()
     for eos in (tokenizer.eos_token_id, getattr(getattr(base, "generation_config", None), "eos_token_id", None)):
         eos_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+    vocab = base.get_input_embeddings().num_embeddings
     engine = Engine(runner_for(base, handle), cache, eos_ids, max_num_seqs=config.max_num_seqs,
                     max_batch_tokens=config.max_batch_tokens, max_queue=config.max_queue,
-                    max_model_len=config.max_model_len, vocab_size=base.get_input_embeddings().num_embeddings)
+                    max_model_len=config.max_model_len, vocab_size=vocab,
+                    grammars=_grammars(tokenizer, vocab, config.disable_any_whitespace))
     name = config.served_model_name or Path(str(base.config._name_or_path or config.model)).name
     log.info("serving %s with %d adapters (r_max %d, %d slots)", name, len(cache.names()), r_max, slots)
     return ServedModel(name, engine, cache, tokenizer, config, skipped)
+
+
+def _grammars(tokenizer, vocab: int, disable_any_whitespace: bool) -> Grammars | None:
+    """The grammar engine for structured output; None (requests for it get 400) when the tokenizer is not
+    one it reads, said at start-up."""
+    try:
+        return Grammars(tokenizer, vocab, disable_any_whitespace)
+    except (ValueError, ImportError) as e:
+        log.warning("structured output is off (requests for it get 400): %s", e)
+        return None
 
 
 def _skip(config: ServeConfig, skipped: dict, adapter: str, error: Exception) -> None:

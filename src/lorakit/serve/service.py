@@ -144,7 +144,8 @@ class Service:
                                   prompt_logprobs=prompt_logprobs, presence_penalty=body.presence_penalty,
                                   frequency_penalty=body.frequency_penalty,
                                   repetition_penalty=body.repetition_penalty, logit_bias=body.bias(),
-                                  min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()))
+                                  min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
+                                  structured=body.structured())
         except BadParam as e:
             raise APIError(400, str(e), e.param) from None
         except UnsupportedField as e:
@@ -155,9 +156,21 @@ class Service:
         return isinstance(body, ChatRequest)
 
     # one request
-    def submit(self, ids, adapter, params, field, deliver) -> str:
+    async def matcher(self, params: SamplingParams):
+        """A structured request's grammar matcher, compiled off the event loop (None: a free request)."""
+        if params.structured is None:
+            return None
+        if self.engine.grammars is None:
+            raise APIError(400, f"{params.structured.param}: structured output is not available on this server "
+                                "(its tokenizer is not a fast tokenizer)", params.structured.param)
         try:
-            return self.engine.submit(ids, adapter, params, deliver)
+            return await self.off_loop(self.engine.grammars.matcher, params.structured)
+        except BadParam as e:
+            raise APIError(400, str(e), e.param) from None
+
+    def submit(self, ids, adapter, params, field, deliver, matcher=None) -> str:
+        try:
+            return self.engine.submit(ids, adapter, params, deliver, matcher)
         except BadParam as e:
             raise APIError(400, str(e), e.param if e.param != "prompt" else field) from None
         except QueueFull as e:
@@ -187,8 +200,9 @@ class Service:
         """Submit and answer; `echo_only` (echo with max_tokens 0): one token is generated, as vLLM
         does, and the answer holds the prompt alone."""
         params = self.params(body, ids, max_tokens, field)
+        matcher = await self.matcher(params)
         run = Run(self, request, body, kind, ids, echo_only)
-        run.request_id = self.submit(ids, adapter, params, field, run.deliver)
+        run.request_id = self.submit(ids, adapter, params, field, run.deliver, matcher)
         run.watch()
         if not body.stream:
             return await run.complete()
