@@ -26,11 +26,10 @@ def _tops(lp, decode) -> dict[str, float]:
     return out
 
 
-def completion_logprobs(positions: list, tokens: list[int], decode) -> dict:
+def completion_logprobs(positions: list, tokens: list[int], decode, offset: int = 0) -> dict:
     """`/v1/completions`' logprobs object: tokens, token_logprobs, top_logprobs, text_offset (a
-    running sum of the token strings' lengths, from 0)."""
+    running sum of the token strings' lengths, from `offset`: 0, or where a stream's last chunk ended)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
     for token, lp in zip(tokens, positions):
         text = decode(token)
         out["tokens"].append(text)

@@ -174,8 +174,8 @@ class _Sampling(_Strict):
         for name, (neutral, why) in NOT_IMPLEMENTED.items():
             if name in type(self).model_fields and not _neutral(getattr(self, name), neutral):
                 raise UnsupportedField(name, f"{name}: {why}")
-        if self.n != 1:
-            raise UnsupportedField("n", "n must be 1 (send several requests; the server batches them)")
+        if self.n < 1:
+            raise UnsupportedField("n", f"n must be at least 1, got {self.n}")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             raise UnsupportedField("stop", f"stop: at most {MAX_STOP} strings")
         if any(s == "" for s in ([self.stop] if isinstance(self.stop, str) else self.stop or [])):
@@ -218,9 +218,6 @@ class CompletionRequest(_Sampling):
         if self.prompt_logprobs is not None and not (self.echo and self.logprobs is not None):
             raise UnsupportedField("prompt_logprobs", "prompt_logprobs: only with echo: true and logprobs (they then "
                                    "arrive in logprobs, beside the prompt's tokens)")
-        if self.stream and (self.logprobs is not None or self.echo or self.prompt_logprobs is not None):
-            field = "logprobs" if self.logprobs is not None else "echo" if self.echo else "prompt_logprobs"
-            raise UnsupportedField(field, f"{field} with stream: true is not implemented yet; send stream: false")
         return self
 
     @property
@@ -261,8 +258,6 @@ class ChatRequest(_Sampling):
         _top_k(self.top_logprobs, "top_logprobs")
         if self.top_logprobs and not self.logprobs:
             raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs: true")
-        if self.stream and self.logprobs:
-            raise UnsupportedField("logprobs", "logprobs with stream: true is not implemented yet; send stream: false")
         return self
 
 

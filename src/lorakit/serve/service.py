@@ -197,16 +197,38 @@ class Service:
 
     async def run(self, request: Request, body, ids: list[int], adapter: str | None, kind: str,
                   max_tokens: int, field: str, echo_only: bool = False):
-        """Submit and answer; `echo_only` (echo with max_tokens 0): one token is generated, as vLLM
-        does, and the answer holds the prompt alone."""
+        """Submit the request's n choices and answer; `echo_only` (echo with max_tokens 0): one token
+        is generated, as vLLM does, and the answer holds the prompt alone. Choice i of a seeded request
+        draws with seed + i (vLLM's rule), so greedy choices are identical and sampled ones differ."""
+        if body.n > self.engine.scheduler.max_num_seqs:
+            raise APIError(400, f"n must be at most {self.engine.scheduler.max_num_seqs} on this server "
+                                f"(max_num_seqs), got {body.n}", "n")
         params = self.params(body, ids, max_tokens, field)
-        matcher = await self.matcher(params)
         run = Run(self, request, body, kind, ids, echo_only)
-        run.request_id = self.submit(ids, adapter, params, field, run.deliver, matcher)
+        try:
+            for choice in run.choices:
+                p = params if params.seed is None else params.replace(seed=params.seed + choice.index)
+                matcher = await self.matcher(p)
+                choice.request_id = self.submit(ids, adapter, p, field, run.deliver(choice.index), matcher)
+        except BaseException:
+            run.close()                                       # the choices already queued go too
+            raise
         run.watch()
         if not body.stream:
             return await run.complete()
         return StreamingResponse(run.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class Choice:
+    """One of a request's n choices: its engine request, its text and tokens so far, its logprobs."""
+
+    def __init__(self, index: int, stream: TextStream):
+        self.index, self.stream = index, stream
+        self.request_id: str | None = None
+        self.tokens, self.positions, self.prompt_positions = [], [], None     # what logprobs report
+        self.parts: list[str] = []
+        self.reason: str | None = None                   # the finish reason, once finished
+        self.sent, self.offset, self.echoed = 0, 0, False  # streaming: positions sent, text_offset, echo sent
 
 
 class Run:
@@ -215,18 +237,25 @@ class Run:
     def __init__(self, service: Service, request: Request, body, kind: str, ids: list[int], echo_only: bool = False):
         self.service, self.request, self.body, self.kind = service, request, body, kind
         self.ids, self.echo_only = ids, echo_only
-        self.tokens, self.positions, self.prompt_positions = [], [], None     # what logprobs report
+        tokenizer = service.served.tokenizer
+        self.choices = [Choice(i, TextStream(tokenizer, body.stops(), body.skip_special_tokens))
+                        for i in range(body.n)]
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
-        self.stream = TextStream(service.served.tokenizer, body.stops(), body.skip_special_tokens)
         self.deadline = time.monotonic() + service.limits.request_timeout
         self.chat = kind.startswith("chat")
         self.meta = dict(id=f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
                          model=body.model)
         self.usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
-        self.request_id, self.finished, self.watcher = None, False, None
+        self.failed, self.watcher = False, None
 
-    def deliver(self, event: Event) -> None:            # on the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    @property
+    def finished(self) -> bool:
+        return self.failed or all(c.reason is not None for c in self.choices)
+
+    def deliver(self, index: int):
+        def put(event: Event) -> None:                  # on the engine thread
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        return put
 
     def watch(self) -> None:
         """Abort the request the moment its client goes away (a receive after the body is the disconnect)."""
@@ -235,101 +264,150 @@ class Run:
                 pass
             if not self.finished:
                 self.service.counts["client_disconnects"] += 1
-                self.service.engine.abort(self.request_id)
+                self._abort()
                 self.queue.put_nowait(DISCONNECTED)
         self.watcher = asyncio.ensure_future(wait())
 
+    def _abort(self) -> None:
+        for c in self.choices:
+            if c.reason is None and c.request_id is not None:
+                self.service.engine.abort(c.request_id)
+
     def close(self) -> None:
         if not self.finished:
-            self.finished = True
-            self.service.engine.abort(self.request_id)
+            self._abort()
+        self.failed = self.failed or not self.finished
         if self.watcher is not None:
             self.watcher.cancel()
 
-    async def deltas(self):
-        """(text delta, finish reason or None) until the request finishes; raises APIError on failure."""
+    async def _next(self):
         limit = self.service.limits.request_timeout
         while True:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise APIError(504, f"the request took longer than {limit:g} s")
             try:
-                event = await asyncio.wait_for(self.queue.get(), left)
+                return await asyncio.wait_for(self.queue.get(), left)
             except asyncio.TimeoutError:
                 continue
-            if event is DISCONNECTED:
+
+    async def deltas(self):
+        """(choice, text delta, finish reason or None) until every choice finishes; raises APIError on
+        failure (one failed choice fails the request: the others are aborted)."""
+        while not self.finished:
+            item = await self._next()
+            if item is DISCONNECTED:
                 return
+            index, event = item
+            c = self.choices[index]
+            if c.reason is not None:                         # stopped by a stop string: the rest is dropped
+                continue
             if event.error is not None or event.finish_reason in ("error", "abort"):
-                self.finished = True
+                self.failed = True
                 raise self.service.failure(event, self.body.model)
             if event.token is not None:
-                self.tokens.append(event.token)
-                self.positions.append(event.logprob)
+                c.tokens.append(event.token)
+                c.positions.append(event.logprob)
             if event.prompt_logprobs is not None:
-                self.prompt_positions = event.prompt_logprobs
-            text, stopped = self.stream.add(event.token) if event.token is not None else ("", False)
+                c.prompt_positions = event.prompt_logprobs
+            text, stopped = c.stream.add(event.token) if event.token is not None else ("", False)
             self.usage["completion_tokens"] += event.token is not None
             if stopped:
-                yield text, "stop"
-                return
-            if event.finished:
-                self.finished = True
-                yield text + self.stream.flush(), event.finish_reason
-                return
-            if text:
-                yield text, None
+                c.reason = "stop"
+                self.service.engine.abort(c.request_id)
+                yield c, text, "stop"
+            elif event.finished:
+                c.reason = event.finish_reason
+                yield c, text + c.stream.flush(), c.reason
+            elif text:
+                yield c, text, None
 
-    def choice(self, text: str, reason: str | None, delta: bool) -> dict:
+    def choice(self, c: Choice, text: str, reason: str | None, delta: bool, logprobs=None) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None if delta else self.logprobs(), "finish_reason": reason}
+            return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
-        return {"index": 0, ("delta" if delta else "message"): message,
-                "logprobs": None if delta else self.logprobs(), "finish_reason": reason}
+        return {"index": c.index, ("delta" if delta else "message"): message, "logprobs": logprobs,
+                "finish_reason": reason}
 
-    def logprobs(self) -> dict | None:
-        """The finished request's logprobs object, or None when it asked for none."""
-        decode = self.service.decode_token
-        if self.chat:
-            return chat_logprobs(self.positions, self.body.top_logprobs or 0, decode) if self.body.logprobs else None
-        body = self.body
-        if body.logprobs is None:
+    def wants_logprobs(self) -> bool:
+        return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
+
+    def logprobs(self, c: Choice, tokens: list[int], positions: list, offset: int = 0) -> dict | None:
+        """The logprobs object of these positions of choice c, or None when the request asked for none."""
+        if not self.wants_logprobs():
             return None
-        tokens, positions = ([], []) if self.echo_only else (self.tokens, self.positions)
-        if body.echo:
-            tokens, positions = self.ids + tokens, (self.prompt_positions or [None] * len(self.ids)) + positions
-        return completion_logprobs(positions, tokens, decode)
+        if self.chat:
+            return chat_logprobs(positions, self.body.top_logprobs or 0, self.service.decode_token)
+        return completion_logprobs(positions, tokens, self.service.decode_token, offset)
+
+    def echo(self, c: Choice) -> tuple[str, list[int], list]:
+        """What echo puts before a completion: the prompt's text, tokens and positions (first: None)."""
+        prompt = self.body.prompt
+        prompt = prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else prompt
+        text = prompt if isinstance(prompt, str) else self.service.served.tokenizer.decode(self.ids)
+        return text, self.ids, c.prompt_positions or [None] * len(self.ids)
+
+    def generated(self, c: Choice, upto: int | None = None) -> tuple[list[int], list]:
+        """Choice c's generated tokens and positions from c.sent (none when echo_only)."""
+        if self.echo_only:
+            return [], []
+        return c.tokens[c.sent:upto], c.positions[c.sent:upto]
 
     def total(self) -> dict:
         return {**self.usage, "total_tokens": self.usage["prompt_tokens"] + self.usage["completion_tokens"]}
 
     async def complete(self) -> dict:
-        parts, reason = [], None
         try:
-            async for text, reason in self.deltas():
-                parts.append(text)
+            async for c, text, _ in self.deltas():
+                c.parts.append(text)
         finally:
             self.close()
-        if reason is None:                                   # the client left: nobody reads this
+        if not all(c.reason is not None for c in self.choices):     # the client left: nobody reads this
             raise APIError(499, "the client disconnected")
-        text = "" if self.echo_only else "".join(parts)
-        if not self.chat and self.body.echo:
-            prompt = self.body.prompt
-            prompt = prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else prompt
-            text = (prompt if isinstance(prompt, str) else self.service.served.tokenizer.decode(self.ids)) + text
-        return {**self.meta, "object": self.kind, "choices": [self.choice(text, reason, False)],
-                "usage": self.total()}
+        out = []
+        for c in self.choices:
+            text = "" if self.echo_only else "".join(c.parts)
+            tokens, positions = self.generated(c)
+            if not self.chat and self.body.echo:
+                prompt_text, prompt_ids, prompt_positions = self.echo(c)
+                text, tokens, positions = prompt_text + text, prompt_ids + tokens, prompt_positions + positions
+            out.append(self.choice(c, text, c.reason, False, self.logprobs(c, tokens, positions)))
+        return {**self.meta, "object": self.kind, "choices": out, "usage": self.total()}
+
+    def chunk(self, c: Choice, text: str, reason: str | None) -> dict:
+        """A stream chunk of choice c: the delta, and the logprobs of the tokens since its last chunk
+        (with echo, the prompt's come first, in the choice's first chunk, as vLLM sends them)."""
+        tokens, positions = self.generated(c)
+        c.sent = len(c.tokens)
+        if not self.chat and self.body.echo and not c.echoed:
+            prompt_text, prompt_ids, prompt_positions = self.echo(c)
+            text, tokens, positions = prompt_text + ("" if self.echo_only else text), prompt_ids + tokens, \
+                prompt_positions + positions
+            c.echoed = True
+        elif self.echo_only:
+            text = ""
+        logprobs = self.logprobs(c, tokens, positions, c.offset)
+        if logprobs is not None and not self.chat:
+            c.offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1]) if tokens else c.offset
+        return {**self.meta, "object": self.kind + (".chunk" if self.chat else ""),
+                "choices": [self.choice(c, text, reason, True, logprobs)]}
 
     async def events(self):
         kind = self.kind + (".chunk" if self.chat else "")
         try:
             if self.chat:
-                yield sse({**self.meta, "object": kind, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                for c in self.choices:
+                    yield sse({**self.meta, "object": kind, "choices": [
+                        {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}]})
             try:
-                async for text, reason in self.deltas():
-                    yield sse({**self.meta, "object": kind, "choices": [self.choice(text, reason, True)]})
+                async for c, text, reason in self.deltas():
+                    if text or reason or not self.echo_only:
+                        yield sse(self.chunk(c, text, reason))
             except APIError as e:             # headers are sent: the failure travels as a finish and an event
-                yield sse({**self.meta, "object": kind, "choices": [self.choice("", "error", True)]})
+                for c in self.choices:
+                    if c.reason is None:
+                        yield sse({**self.meta, "object": kind, "choices": [self.choice(c, "", "error", True)]})
                 yield sse(error_body(e.status, str(e), e.param))
             if self.body.stream_options is not None and self.body.stream_options.include_usage:
                 yield sse({**self.meta, "object": kind, "choices": [], "usage": self.total()})
