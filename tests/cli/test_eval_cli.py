@@ -72,3 +72,51 @@ def test_eval_help_lists_threshold_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--min-task-gain", "--max-ppl-increase", "--warn-ppl-increase", "--min-agreement", "--answer-regex"):
         assert flag in out
+
+
+def test_eval_puts_harness_scores_into_the_verdict(files, tmp_path, capsys):
+    """`--harness` scores lm-eval tasks adapter off vs on; the oracle is lm-eval's own hf backend on the
+    base and on the same adapter through peft."""
+    from lm_eval.models.huggingface import HFLM
+    import peft
+
+    from lorakit.models import tiny_tokenizer
+    from tests.helpers import write_harness_tasks
+    from tests.serve.test_lm_eval import evaluate
+
+    data, adapter = files
+    tasks = write_harness_tasks(tmp_path)
+    common = ["eval", "--model", "tiny-llama", "--data", str(data), "--max-new-tokens", "4", "--batch-size", "2",
+              "--adapter", str(adapter), "--harness", str(tasks / "lk_mc.yaml"), "--harness", str(tasks / "lk_gen.yaml")]
+    assert main([*common, "--json", *EASY, "--max-harness-drop", "1", "--fail-harness-drop", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    scores = {(h["task"], h["metric"]): h for h in report["harness"]}
+    assert set(scores) == {("lk_mc", "acc,none"), ("lk_gen", "exact_match,none")}
+    assert all(h["higher_is_better"] is True and h["n"] == 6 for h in scores.values())
+
+    def oracle(model):
+        return evaluate(HFLM(pretrained=model.eval(), tokenizer=tiny_tokenizer(), batch_size=1, max_length=64),
+                        None, tasks)[2:]
+    with_adapter = peft.PeftModel.from_pretrained(lk.tiny_model("llama"), str(adapter))
+    assert (scores["lk_mc", "acc,none"]["off"], scores["lk_gen", "exact_match,none"]["off"]) == \
+        oracle(lk.tiny_model("llama"))
+    assert (scores["lk_mc", "acc,none"]["on"], scores["lk_gen", "exact_match,none"]["on"]) == oracle(with_adapter)
+
+    # any drop at all fails under a zero line; the reason names the task, the metric and the points
+    strict = main([*common, "--out", str(tmp_path / "strict"), *EASY, "--max-harness-drop", "0",
+                   "--fail-harness-drop", "0"])
+    out = capsys.readouterr().out
+    dropped = [h for h in scores.values() if h["on"] < h["off"]]
+    assert strict == (1 if dropped else 0) and "## lm-eval-harness" in out
+    for h in dropped:
+        assert f"lm-eval {h['task']} {h['metric']} changed" in out and "fail_harness_drop" in out
+
+
+def test_a_harness_file_that_is_not_a_task_is_named_before_loading(tmp_path, files, capsys):
+    data, adapter = files
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset_path: json\n")
+    assert main(["eval", "--model", "tiny-llama", "--data", str(data), "--harness", str(bad)]) == 2
+    assert "bad.yaml: an lm-eval task file needs a 'task: <name>' key" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny-llama", "--data", str(data), "--harness", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: no such task file" in capsys.readouterr().err

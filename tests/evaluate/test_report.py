@@ -92,3 +92,22 @@ def test_base_only_report(tmp_path):
     assert "base model only" in text and "(2/10)" in text and "## Examples" not in text
     with pytest.raises(ValueError):
         write_report(tmp_path, None, None, None, Thresholds(), {})
+
+
+def test_harness_drops_warn_then_fail_and_other_metrics_are_not_judged():
+    from lorakit.evaluate.harness import HarnessScore
+    t = Thresholds(min_task_gain=-1, max_harness_drop=0.02, fail_harness_drop=0.05)
+    reg = regression(0.0)
+    cases = [([HarnessScore("arc", "acc,none", 0.50, 0.49, True, 100)], "PASS"),          # 1 point: within
+             ([HarnessScore("arc", "acc,none", 0.50, 0.47, True, 100)], "WARN"),          # 3 points
+             ([HarnessScore("arc", "acc,none", 0.50, 0.40, True, 100)], "FAIL"),          # 10 points
+             ([HarnessScore("wiki", "word_perplexity,none", 10.0, 30.0, False, 10)], "PASS"),   # not judged
+             ([HarnessScore("arc", "acc,none", 0.50, 0.60, True, 100)], "PASS")]          # a gain
+    for harness, want in cases:
+        v = verdict(BEFORE, AFTER, reg, t, harness)
+        assert v["verdict"] == want, (harness, v)
+    v = verdict(BEFORE, AFTER, reg, t, cases[2][0])
+    assert v["reasons"] == ["lm-eval arc acc,none changed -10.0 points (50.0% -> 40.0%), a drop above the FAIL line "
+                            "fail_harness_drop = 5.0 points"]
+    with pytest.raises(ValueError, match="max_harness_drop"):
+        Thresholds(max_harness_drop=0.1, fail_harness_drop=0.05)

@@ -17,33 +17,9 @@ import lorakit as lk
 from lorakit.models import tiny_tokenizer
 from lorakit.serve.api import create_app, serve_in_background
 from lorakit.serve.server import ServeConfig, build
+from tests.helpers import write_harness_tasks as write_tasks
 
 lm_eval = pytest.importorskip("lm_eval")          # a dev dependency: installed by make test
-
-QUESTIONS = [("Where is parcel 7?", ["in the depot", "with the driver", "lost"], 1),
-             ("Which code routes a crushed box?", ["CLM-DMG", "DLY-STD", "RET-EXC"], 0),
-             ("Is the rate for EU zones 5 EUR?", ["yes", "no"], 0),
-             ("Who signs for a parcel?", ["the neighbour", "the recipient", "nobody", "the carrier"], 1),
-             ("When do parcels ship?", ["on weekdays", "on Sundays"], 0),
-             ("What does DLY mean?", ["delay", "damage", "refund"], 0)]
-
-
-def write_tasks(folder):
-    rows = [{"question": q, "choices": c, "label": y} for q, c, y in QUESTIONS]
-    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "gen.jsonl").write_text("".join(json.dumps({"question": q, "answer": c[y]}) + "\n" for q, c, y in QUESTIONS))
-    common = f"dataset_path: json\ndataset_name: null\ntest_split: train\n"
-    (folder / "lk_mc.yaml").write_text(
-        f"task: lk_mc\n{common}dataset_kwargs:\n  data_files: {folder / 'mc.jsonl'}\noutput_type: multiple_choice\n"
-        "doc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_choice: choices\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n")
-    (folder / "lk_gen.yaml").write_text(
-        f"task: lk_gen\n{common}dataset_kwargs:\n  data_files: {folder / 'gen.jsonl'}\noutput_type: generate_until\n"
-        "doc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_target: \" {{answer}}\"\n"
-        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n  temperature: 0\n"
-        "metric_list:\n  - metric: exact_match\n")
-    return folder
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, adapter_root):

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import write_text
+from .harness import HarnessScore
 from .regression import RegressionResult
 from .task import TaskResult
 
@@ -33,9 +34,15 @@ class Thresholds:
     similar_at: float = field(default=0.5, metadata={
         "help": "a general-prompt answer is kept when its similarity to the base answer (difflib ratio, "
                 "1.0 = identical text) is at least this"})
+    max_harness_drop: float = field(default=0.02, metadata={
+        "help": "WARN when an lm-eval-harness score (accuracy, exact match) drops more than this with the "
+                "adapter on, in points (0.02 = 2 points)"})
+    fail_harness_drop: float = field(default=0.05, metadata={
+        "help": "FAIL when an lm-eval-harness score drops more than this, in points"})
 
     def __post_init__(self):
-        for name in ("min_task_gain", "max_ppl_increase", "warn_ppl_increase", "min_agreement", "similar_at"):
+        for name in ("min_task_gain", "max_ppl_increase", "warn_ppl_increase", "min_agreement", "similar_at",
+                     "max_harness_drop", "fail_harness_drop"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -50,6 +57,9 @@ class Thresholds:
             raise ValueError(f"min_agreement must be a fraction in [0, 1], got {self.min_agreement}")
         if not 0 < self.similar_at <= 1:
             raise ValueError(f"similar_at must be in (0, 1], got {self.similar_at}")
+        if not 0 <= self.max_harness_drop <= self.fail_harness_drop:
+            raise ValueError(f"need 0 <= max_harness_drop ({self.max_harness_drop}) <= fail_harness_drop "
+                             f"({self.fail_harness_drop}): the WARN line, then the FAIL line")
 
 
 def kept(regression: RegressionResult, thresholds: Thresholds) -> float:
@@ -63,8 +73,23 @@ def kept(regression: RegressionResult, thresholds: Thresholds) -> float:
     return sum(p["similarity"] >= thresholds.similar_at for p in regression.prompts) / len(regression.prompts)
 
 
+def harness_reasons(harness: list[HarnessScore], t: Thresholds) -> tuple[list[str], list[str]]:
+    """(FAIL reasons, WARN reasons) of the higher-is-better harness scores that dropped too far."""
+    fails, warns = [], []
+    for h in harness:
+        if h.change is None or h.higher_is_better is not True:
+            continue
+        drop = -h.change
+        what = f"lm-eval {h.task} {h.metric} changed {100 * h.change:+.1f} points ({h.off:.1%} -> {h.on:.1%})"
+        if drop > t.fail_harness_drop + 1e-9:
+            fails.append(f"{what}, a drop above the FAIL line fail_harness_drop = {100 * t.fail_harness_drop:.1f} points")
+        elif drop > t.max_harness_drop + 1e-9:
+            warns.append(f"{what}, a drop above max_harness_drop = {100 * t.max_harness_drop:.1f} points")
+    return fails, warns
+
+
 def verdict(task_before: TaskResult | None, task_after: TaskResult, regression: RegressionResult,
-            thresholds: Thresholds) -> dict:
+            thresholds: Thresholds, harness: list[HarnessScore] | None = None) -> dict:
     """PASS, WARN or FAIL, and one sentence per threshold that was crossed (with the numbers)."""
     t = thresholds
     gain = None if task_before is None else task_after.accuracy - task_before.accuracy
@@ -86,6 +111,8 @@ def verdict(task_before: TaskResult | None, task_after: TaskResult, regression: 
     if agreement < t.min_agreement:
         warns.append(f"only {agreement:.0%} of general prompts kept the base model's answer (similarity >= "
                      f"{t.similar_at:.2f}), below min_agreement = {t.min_agreement:.0%}")
+    harness_fails, harness_warns = harness_reasons(harness or [], t)
+    fails, warns = fails + harness_fails, warns + harness_warns
     return {"verdict": "FAIL" if fails else "WARN" if warns else "PASS", "task_gain": gain, "ppl_change": ppl,
             "agreement": agreement, "reasons": fails + warns}
 
@@ -160,14 +187,29 @@ def render_markdown(before: TaskResult | None, after: TaskResult | None, regress
     return "\n".join(lines) + "\n"
 
 
-def report_dict(before, after, regression, decision, thresholds, meta) -> dict:
+def harness_lines(harness: list[HarnessScore]) -> list[str]:
+    """The lm-eval-harness section of the markdown report."""
+    if not harness:
+        return []
+    lines = ["## lm-eval-harness", "", "| task | metric | adapter off | adapter on | change | judged |",
+             "|---|---|---|---|---|---|"]
+    for h in harness:
+        on = "-" if h.on is None else f"{h.on:.4g}"
+        change = "-" if h.change is None else f"{h.change:+.4g}"
+        judged = "yes" if h.higher_is_better is True else "no (not higher-is-better)"
+        lines.append(f"| {_cell(h.task)} | {_cell(h.metric)} | {h.off:.4g} | {on} | {change} | {judged} |")
+    return lines + [f"Items per task: {', '.join(sorted({f'{h.task} {h.n}' for h in harness}))}.", ""]
+
+
+def report_dict(before, after, regression, decision, thresholds, meta, harness=None) -> dict:
     return {"verdict": decision, "thresholds": asdict(thresholds), "meta": meta,
             "task": {"before": before.to_dict() if before else None, "after": after.to_dict() if after else None},
-            "regression": regression.to_dict() if regression else None}
+            "regression": regression.to_dict() if regression else None,
+            "harness": [h.to_dict() for h in harness] if harness else None}
 
 
 def write_report(out_dir, before: TaskResult | None, after: TaskResult | None, regression: RegressionResult | None,
-                 thresholds: Thresholds, meta: dict) -> tuple[Path, Path]:
+                 thresholds: Thresholds, meta: dict, harness: list[HarnessScore] | None = None) -> tuple[Path, Path]:
     """Write eval_report.md and eval_report.json into `out_dir` (each atomically); return their paths.
 
     `before`/`after`: task results with the adapter off/on. With no adapter pass only `before`
@@ -175,9 +217,15 @@ def write_report(out_dir, before: TaskResult | None, after: TaskResult | None, r
     """
     if before is None and after is None:
         raise ValueError("write_report needs at least one task result")
-    decision = verdict(before, after, regression, thresholds) if after is not None and regression is not None else None
+    decision = (verdict(before, after, regression, thresholds, harness)
+                if after is not None and regression is not None else None)
     out_dir = Path(out_dir)
     md_path, json_path = out_dir / MD_NAME, out_dir / JSON_NAME
-    write_text(md_path, render_markdown(before, after, regression, decision, thresholds, meta))
-    write_text(json_path, json.dumps(report_dict(before, after, regression, decision, thresholds, meta), indent=2) + "\n")
+    markdown = render_markdown(before, after, regression, decision, thresholds, meta)
+    if harness:                                    # before the thresholds line, which ends the report
+        body, last = markdown.rstrip("\n").rsplit("\n", 1)
+        markdown = body + "\n" + "\n".join(harness_lines(harness)) + "\n" + last + "\n"
+    write_text(md_path, markdown)
+    write_text(json_path, json.dumps(report_dict(before, after, regression, decision, thresholds, meta, harness),
+                                     indent=2) + "\n")
     return md_path, json_path
