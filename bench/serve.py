@@ -8,6 +8,9 @@
 (c) latency: p50/p95 of requests (4 concurrent clients, each request on a random registered adapter)
     with 1 and with 1,000 registered adapters. With 1,000, nearly every request misses the RAM tier
     (64 adapters) and its adapter is read from disk while others decode.
+(e) features: (b)'s lorakit side three ways, alternating rounds: plain, every request with
+    `logprobs: 5`, and half the requests constrained to a JSON schema (response_format); tokens/s of
+    each against plain (targets >= 0.8x and >= 0.7x), and whether every constrained answer validates.
 (d) soak: `--soak-minutes` (default 3) of mixed traffic from 16 clients, each request on a random
     adapter: good ones (chat and completions, greedy and sampled, streaming and not) and bad ones
     (max_tokens 0, unknown or unimplemented fields, bad JSON, a body over the cap, a broken adapter,
@@ -19,6 +22,7 @@ deterministic random weights (the 1,000 of (c) are hard links to one file, so di
     .venv/bin/python bench/serve.py                 # about 16 minutes; writes bench/results/serve.json
     .venv/bin/python bench/serve.py --parts b,c     # skip (a)
     .venv/bin/python bench/serve.py --parts d       # the soak alone (about 4 minutes)
+    .venv/bin/python bench/serve.py --parts e       # logprobs and structured output against plain
 """
 from __future__ import annotations
 
@@ -110,14 +114,24 @@ def e2e_lorakit(args) -> dict:
     for name in names:                             # read every adapter before timing (peft loads its up front too)
         served.adapters.prefetch(name).result()
 
+    variant = getattr(args, "variant", None) or "plain"
+
     async def run(url, prompts):
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600) as client:
-            async def one(name, ids):
-                r = await client.completions.create(model=name, prompt=ids, max_tokens=args.tokens, temperature=0,
-                                                    extra_body={"ignore_eos": True})
+            async def one(j, name, ids):
+                extra = {"ignore_eos": True}
+                if variant == "logprobs":
+                    extra["logprobs"] = 5
+                tokens = args.tokens
+                if variant == "json" and j % 2 == 0:
+                    extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "ticket",
+                                                                                      "schema": SCHEMA}}
+                    tokens = 2 * args.tokens
+                r = await client.completions.create(model=name, prompt=ids, max_tokens=tokens, temperature=0,
+                                                    extra_body=extra)
                 return r.usage.completion_tokens, r.choices[0].text
             t = time.perf_counter()
-            results = await asyncio.gather(*(one(n, p) for n, p in zip(names, prompts)))
+            results = await asyncio.gather(*(one(j, n, p) for j, (n, p) in enumerate(zip(names, prompts))))
             return time.perf_counter() - t, sum(c for c, _ in results), [text for _, text in results]
 
     prompts = [chat_ids(served.tokenizer, q) for q in QUESTIONS[:len(names)]]
@@ -127,8 +141,29 @@ def e2e_lorakit(args) -> dict:
         seconds, generated, texts = asyncio.run(run(url, prompts))
         return seconds, generated, texts, served.engine.counts["steps"] - steps
     seconds, generated, texts, steps = drive(served, client)
-    return {"seconds": seconds, "generated": generated, "tokens_per_s": generated / seconds,
-            "texts": dict(zip(names, texts)), "steps": steps}
+    valid = [_validates(text) for j, text in enumerate(texts) if variant == "json" and j % 2 == 0]
+    return {"seconds": seconds, "generated": generated, "tokens_per_s": generated / seconds, "variant": variant,
+            "texts": dict(zip(names, texts)), "steps": steps, "constrained_valid": sum(valid),
+            "constrained": len(valid)}
+
+
+# (e)'s schema: a ticket triage answer that fits in (e)'s token budget (a constrained request gets twice
+# --tokens, as its answer must close; it ends when the grammar is complete, a free one at --tokens)
+SCHEMA = {"type": "object", "properties": {
+    "category": {"enum": ["delivery", "damage", "return", "billing", "other"]},
+    "urgent": {"type": "boolean"},
+    "reply": {"type": "string", "maxLength": 60},
+    "steps": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 2}},
+    "required": ["category", "urgent", "reply", "steps"], "additionalProperties": False}
+
+
+def _validates(text: str) -> bool:
+    import jsonschema
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+        return True
+    except (ValueError, jsonschema.ValidationError):
+        return False
 
 
 def e2e_peft(args) -> dict:
@@ -221,7 +256,7 @@ def soak_traffic(rng: random.Random, names: list[str]) -> tuple[str, str, object
         stream = rng.random() < 0.5
         body = dict(chat if rng.random() < 0.5 else comp, stream=stream)
         return "good", "/v1/chat/completions" if "messages" in body else "/v1/completions", body, stream
-    bad = [("/v1/completions", {**comp, "max_tokens": 0}), ("/v1/completions", {**comp, "logprobs": 2}),
+    bad = [("/v1/completions", {**comp, "max_tokens": 0}), ("/v1/completions", {**comp, "guided_regex": "([a-"}),
            ("/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}), ("/v1/completions", {**comp, "x": 1}),
            ("/v1/completions", b"{not json"), ("/v1/completions", b'{"prompt": "' + b"x" * (2 << 20) + b'"}'),
            ("/v1/completions", {**comp, "model": "broken"}), ("/v1/completions", {**comp, "model": "nope"}),
@@ -300,6 +335,28 @@ def make_many(src: Path, root: Path, n: int) -> None:
         os.link(src / "adapter_model.safetensors", d / "adapter_model.safetensors")
 
 
+# -- (e) ----------------------------------------------------------------------------------------
+def features(args, folder: Path) -> dict:
+    """Plain, logprobs and JSON-schema rounds of (b)'s lorakit side, alternating; medians."""
+    rounds = [{v: spawn("e2e-lorakit", dir=folder, variant=v) for v in ("plain", "logprobs", "json")}
+              for _ in range(args.rounds)]
+    rate = {v: statistics.median(r[v]["tokens_per_s"] for r in rounds) for v in ("plain", "logprobs", "json")}
+    ratios = {v: [r[v]["tokens_per_s"] / r["plain"]["tokens_per_s"] for r in rounds] for v in ("logprobs", "json")}
+    valid = [(r["json"]["constrained_valid"], r["json"]["constrained"]) for r in rounds]
+    same = [sum(r["logprobs"]["texts"][n] == r["plain"]["texts"][n] for n in r["plain"]["texts"]) for r in rounds]
+    print(f"\n(e) {args.adapters} concurrent requests on {args.adapters} adapters, {args.tokens} tokens at most "
+          f"(greedy); median of {args.rounds} alternating rounds\n\n| workload | tokens/s | vs plain | target |\n"
+          f"| --- | ---: | ---: | ---: |\n| plain | {rate['plain']:.1f} | | |\n"
+          f"| every request `logprobs: 5` | {rate['logprobs']:.1f} | x{statistics.median(ratios['logprobs']):.2f} | "
+          f">= 0.8x |\n| half the requests on a JSON schema | {rate['json']:.1f} | "
+          f"x{statistics.median(ratios['json']):.2f} | >= 0.7x |\n\nconstrained answers that validate, per round: "
+          + ", ".join(f"{a}/{b}" for a, b in valid) + f"; logprobs rounds' text identical to plain: {same}",
+          flush=True)
+    return {"rounds": rounds, "tokens_per_s": rate, "ratios": ratios,
+            "median_ratio": {v: statistics.median(x) for v, x in ratios.items()}, "valid": valid,
+            "logprobs_text_identical": same}
+
+
 # -- driver -------------------------------------------------------------------------------------
 WORKERS = {"e2e-lorakit": e2e_lorakit, "e2e-peft": e2e_peft, "latency": latency, "soak": soak}
 
@@ -332,6 +389,7 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     p.add_argument("--worker", choices=WORKERS)
     p.add_argument("--dir")
+    p.add_argument("--variant", choices=["plain", "logprobs", "json"], help="(e): the worker's variant")
     args = p.parse_args()
     if args.worker:
         import torch
@@ -390,6 +448,8 @@ def main() -> None:
                       f"{first:.3f} | {rounds[0][k]['loads']} |")
             print(f"| **ratio** (target <= 1.2x) | **x{out['c']['p50_ratio']:.2f}** | **x{out['c']['p95_ratio']:.2f}** | | | |")
             print("\nper round (p50, p95 ratio): " + ", ".join(f"x{a:.2f} / x{b:.2f}" for a, b in out["c"]["round_ratios"]))
+        if "e" in parts:
+            out["e"] = features(args, tmp / "b")
         if "d" in parts:
             out["d"] = d = spawn("soak", dir=tmp / "b")
             print(f"\n(d) soak: {d['minutes']:g} min, 16 clients, mixed good and bad requests on random adapters\n\n"

@@ -270,3 +270,32 @@ def test_a_broken_loop_marks_the_engine_failed_and_refuses_work(root):
             engine.submit([1, 2])
     finally:
         engine.stop()
+
+
+def test_logprobs_and_prompt_logprobs_equal_each_merged_model_on_both_runners(root):
+    """Llama's compact forward and the transformers fallback (GPT-2) score prompt and output alike."""
+    family, folder = root
+    eng = make_engine(family, folder)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    events = {}
+    ids = {eng.submit(p, a, params, callback=lambda ev: events.setdefault(ev.request_id, []).append(ev)): (p, a)
+           for p, a in zip(prompts(3, seed=5), ["lora2", "dora4", None])}
+    while eng.has_work():
+        eng.step()
+    for rid, (prompt, adapter) in ids.items():
+        model = lk.tiny_model(family)
+        if adapter is not None:
+            model = lk.merge_and_unload(lk.load_adapter(model, folder / adapter))
+        output = [ev.token for ev in events[rid]]
+        with torch.no_grad():
+            lp = model(torch.tensor([prompt + output])).logits[0].double().log_softmax(-1)
+        first = events[rid][0].prompt_logprobs
+        assert first[0] is None and len(first) == len(prompt)
+        for j, pos in enumerate(first[1:], start=1):                 # row j - 1 predicts prompt token j
+            assert pos.token == prompt[j] and pos.logprob == pytest.approx(lp[j - 1, prompt[j]].item(), abs=1e-4)
+            assert [t for t, _ in pos.top] == lp[j - 1].topk(2).indices.tolist()
+        for i, ev in enumerate(events[rid]):
+            row = len(prompt) - 1 + i
+            assert ev.logprob.token == output[i]
+            assert ev.logprob.logprob == pytest.approx(lp[row, output[i]].item(), abs=1e-4)
+            assert [v for _, v in ev.logprob.top] == pytest.approx(lp[row].topk(3).values.tolist(), abs=1e-4)

@@ -2,7 +2,8 @@
 
 Examples: `lorakit plan smollm2-135m-instruct --rank 16 --targets all-linear --seq-len 512`,
 `lorakit plan --params 70B`, `lorakit plan --matrix 4096x4096 --rank 8`,
-`lorakit plan --tenants 50 --base-gb 14 --adapter-mb 128`. Add `--json` for machine-readable output.
+`lorakit plan --tenants 50 --base-gb 14 --adapter-mb 128`, `lorakit plan --params 70B --world-size 8
+--shard full`. Add `--json` for machine-readable output.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def build(args) -> dict:
     method_cfg = method_from_args("lora" if args.method == PLAN_ONLY else args.method, args)
     out: dict = {}
     if args.params:
-        out["headline"] = plan_params(mem.parse_count(args.params), run.recipe, run.double_quant)
+        out["headline"] = plan_params(mem.parse_count(args.params), run.recipe, run.double_quant, run.world_size,
+                                      run.shard)
     if args.matrix:
         m = re.fullmatch(r"(\d+)x(\d+)", args.matrix)
         if not m:
@@ -79,6 +81,12 @@ def run(args) -> int:
         t.add_row("QLoRA NF4 + quantization constants", f"{h['nf4_with_constants_gb']:,.1f}",
                   f"+{h['quant_constant_bits']:.3f} bit/param")
         console.print(t)
+        if "per_rank" in h:
+            r = h["per_rank"]
+            console.print(f"per rank of {r['world_size']} (--shard {r['shard']}): full 12-byte "
+                          f"{r['full_12-byte_gb']:,.1f} GB, full 16-byte {r['full_16-byte_gb']:,.1f} GB, LoRA floor "
+                          f"{r['lora_fp16_floor_gb']:,.1f} GB, QLoRA NF4 + constants {r['nf4_with_constants_gb']:,.1f} GB "
+                          "(model states, before activations and all-gather buffers)")
     if "matrix" in out:
         m = out["matrix"]
         console.print(f"[bold]{m['d_in']}x{m['d_out']} projection, r={m['r']}[/]: full {m['full_params']:,} params "
@@ -120,6 +128,15 @@ def _print_model(console: Console, p: dict) -> None:
                   "output head's gradient, alive with every activation at the start of backward")
     t.add_row("[bold]peak[/]", f"[bold]{p['memory']['total_gb']:,.3f}[/]", p["memory"]["peak_rule"])
     console.print(t)
+    if "memory_per_rank" in p:
+        t = Table(title=f"Memory per rank ({p['world_size']} ranks, --shard {p['shard']})")
+        for col in ("component", "GB", "formula"):
+            t.add_column(col, justify="right" if col == "GB" else "left")
+        for c in p["memory_per_rank"]["components"]:
+            t.add_row(c["component"], f"{c['gb']:,.3f}", c["formula"])
+        t.add_row("[bold]peak per rank[/]", f"[bold]{p['memory_per_rank']['total_gb']:,.3f}[/]",
+                  p["memory_per_rank"]["peak_rule"])
+        console.print(t)
     tt = p["targets_table"]
     console.print(f"targets at r={p['r']}: qv {tt['qv'] or 0:,} vs all-linear {tt['all-linear'] or 0:,}"
                   + (f" ({tt['all_linear_vs_qv']:.2f}x)" if "all_linear_vs_qv" in tt else ""))

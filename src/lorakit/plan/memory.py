@@ -188,3 +188,52 @@ def activation_bytes_per_layer(tokens: int, hidden: int, kv_dim: int, intermedia
     else:
         per_token = (9 if norms_train else 7) * hidden + 4 * kv_dim + 4 * intermediate
     return tokens * per_token * dtype_bytes
+
+
+# -- past one device: what each of N ranks holds ---------------------------------------------------
+SHARDING = {  # which model states are split across the ranks (ZeRO stage / FSDP)
+    "none": (),                                             # DDP: every rank holds everything
+    "opt": ("optimizer", "master"),                         # ZeRO-1
+    "grad-opt": ("optimizer", "master", "gradients"),       # ZeRO-2
+    "full": ("optimizer", "master", "gradients", "weights"),  # ZeRO-3 / FSDP (FULL_SHARD)
+}
+
+
+def _part(component: str) -> str:
+    """Which state a plan line is: weights (frozen ones and NF4 bytes too), gradients, optimizer, master."""
+    for part in ("gradients", "optimizer", "master"):
+        if part in component:
+            return part
+    return "weights" if component != "activations" else "activations"
+
+
+def shard(plan: MemoryPlan, world_size: int, strategy: str = "full", largest_unit: float = 0,
+          largest_unit_gradients: float = 0) -> MemoryPlan:
+    """The plan of one rank out of `world_size` under `strategy` (the seed's "spreading weights,
+    gradients, and optimizer state across GPUs"). Sharded states are divided by N (rounded up to
+    whole shards: FSDP pads each parameter to a multiple of N, ignored here); activations are
+    not, each rank runs its own micro-batch. Full sharding pays back part of the saving: a unit
+    (a decoder layer, or the root's embeddings and head) is all-gathered before it runs, and the
+    next one is prefetched meanwhile, so two copies of the largest unit's weights are alive, and
+    backward holds its full gradient before the reduce-scatter.
+    """
+    if strategy not in SHARDING:
+        raise ValueError(f"--shard {strategy!r}: expected one of {list(SHARDING)}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"--world-size {world_size!r}: expected an integer >= 1")
+    out = MemoryPlan(accumulate=plan.accumulate, head_gradient=plan.head_gradient)
+    split = SHARDING[strategy] if world_size > 1 else ()
+    for component, nbytes, formula, kind in plan.lines:
+        if _part(component) in split:
+            out.add(component, nbytes / world_size, f"({formula}) / {world_size} ranks", kind)
+        else:
+            out.add(component, nbytes, formula, kind)
+    if "weights" in split and largest_unit:
+        out.add("all-gathered weights", 2 * largest_unit, "2 x the largest unit's weights (the running one and the "
+                f"prefetched next): 2 x {largest_unit:,.0f} B")
+    if "gradients" in split and largest_unit_gradients:
+        out.add("unsharded gradients", largest_unit_gradients, "the largest unit's full gradient before its "
+                f"reduce-scatter: {largest_unit_gradients:,.0f} B", "gradients")
+    if "gradients" in split and plan.head_gradient:
+        out.head_gradient = plan.head_gradient / world_size
+    return out

@@ -79,14 +79,17 @@ class PlanConfig:
         "micro-batches per optimizer step (gradients then live through the forward)"))
     quantize: bool = field(default=False, metadata=_doc("QLoRA: the base's block linear layers in 4-bit NF4"))
     double_quant: bool = field(default=True, metadata=_doc("QLoRA constants double-quantized (else fp32 absmax per 64-block)"))
+    world_size: int = field(default=1, metadata=_doc("ranks the run spreads over (data parallel, each its own micro-batch)"))
+    shard: str = field(default="none", metadata=_doc(
+        "what is split across the ranks: none (DDP), opt (ZeRO-1), grad-opt (ZeRO-2), full (ZeRO-3 / FSDP)"))
 
     def __post_init__(self):
         choices = {"recipe": sorted(mem.RECIPES), "optimizer": mem.OPTIMIZERS, "dtype": sorted(DTYPE_BYTES),
-                   "activation_dtype": [None, *sorted(DTYPE_BYTES)]}
+                   "activation_dtype": [None, *sorted(DTYPE_BYTES)], "shard": list(mem.SHARDING)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PlanConfig.{name} = {getattr(self, name)!r}: expected one of {list(allowed)}")
-        for name in ("seq_len", "micro_batch", "grad_accum"):
+        for name in ("seq_len", "micro_batch", "grad_accum", "world_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PlanConfig.{name} = {value!r}: expected an integer >= 1")
@@ -139,6 +142,7 @@ def plan_model(ref: str, method_cfg=None, run: PlanConfig | None = None, config=
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if method == "full" and head is not None:       # written first in backward, while activations live
         states.head_gradient = head.weight.numel() * mem.RECIPES[run.recipe]["gradients"]
+    per_rank = _per_rank(model, states, method, run, total, quantized)
     adapter_bytes = (trainable if method != "full" else 0) * 4   # lorakit writes adapters in fp32
     if method == "prefix":                                       # the file holds the prefix after the MLP
         layers_, kv_heads, head_dim = kv_layout(config)
@@ -151,10 +155,38 @@ def plan_model(ref: str, method_cfg=None, run: PlanConfig | None = None, config=
         "parameters": {"total": total, "trainable": trainable, "percent": 100 * trainable / total,  # of the base
                        "adapted_modules": len(shapes), "by_kind": by_kind, "dora_extra_magnitude": dora_extra},
         "memory": states.to_dict(),
+        **per_rank,
         "adapter_file_bytes": adapter_bytes,
         "rank_table": mem.rank_table(targets_table["all-linear"] * 16 // lora.r if targets_table["all-linear"] else 0),
         "targets_table": targets_table,
     }
+
+
+def _units(model) -> list:
+    """FSDP's units as torchtune wraps them: each block of the model's largest ModuleList (its decoder
+    layers), and the root (embeddings, final norm, head) as one more."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    blocks = list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    root = [p for p in model.parameters() if id(p) not in inside]
+    return [list(b.parameters()) for b in blocks] + [root]
+
+
+def _per_rank(model, states, method: str, run: PlanConfig, total: int, quantized: int) -> dict:
+    """`memory_per_rank` (one of `world_size` ranks under `shard`), when the run is past one device."""
+    if run.world_size == 1 and run.shard == "none":
+        return {}
+    rec = mem.RECIPES[run.recipe]
+    nf4 = (mem.NF4_BITS + mem.QUANT_CONSTANT_BITS["double-quant" if run.double_quant else "absmax-fp32"]) / 8
+    weight_bytes = rec["weights"] if method == "full" else nf4 if method == "qlora" else run.frozen_bytes
+    largest = largest_grad = 0
+    for params in _units(model):
+        frozen = sum(p.numel() for p in params if not p.requires_grad or method == "full")
+        trained = sum(p.numel() for p in params if p.requires_grad) if method != "full" else frozen
+        largest = max(largest, frozen * weight_bytes + (trained * rec["weights"] if method != "full" else 0))
+        largest_grad = max(largest_grad, trained * rec["gradients"])
+    plan = mem.shard(states, run.world_size, run.shard, largest, largest_grad)
+    return {"world_size": run.world_size, "shard": run.shard, "memory_per_rank": plan.to_dict()}
 
 
 def _lora_tables(model, cfg: LoraConfig):
@@ -213,9 +245,19 @@ def _add_activations(states, config, method: str, run: PlanConfig, seq_len: int)
     states.add("activations", total_act, formula, "activations")
 
 
-def plan_params(count: int, recipe: str = "12-byte", double_quant: bool = True) -> dict:
-    """The seed's headline tables for a model known only by its parameter count."""
+def plan_params(count: int, recipe: str = "12-byte", double_quant: bool = True, world_size: int = 1,
+                shard: str = "none") -> dict:
+    """The seed's headline tables for a model known only by its parameter count; per rank too when
+    the run spreads over `world_size` ranks (no layer sizes here, so no all-gather buffers)."""
     out = {"params": count}
+    if world_size > 1 or shard != "none":
+        out["per_rank"] = {"world_size": world_size, "shard": shard, **{
+            f"full_{name}_gb": mem.shard(mem.model_states(count, 0, "full", name), world_size, shard).total / mem.GB
+            for name in mem.RECIPES},
+            "lora_fp16_floor_gb": mem.shard(mem.model_states(count, 0, "lora", recipe, 2), world_size, shard).total
+            / mem.GB,
+            "nf4_with_constants_gb": mem.shard(mem.model_states(count, 0, "qlora", recipe, 2, count, double_quant),
+                                               world_size, shard).total / mem.GB}
     for name in mem.RECIPES:
         out[f"full_{name}_gb"] = mem.model_states(count, 0, "full", name).total / mem.GB
     out["lora_fp16_floor_gb"] = count * 2 / mem.GB
