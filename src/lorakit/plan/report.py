@@ -162,11 +162,16 @@ def plan_model(ref: str, method_cfg=None, run: PlanConfig | None = None, config=
     }
 
 
-def _units(model) -> list:
-    """FSDP's units as torchtune wraps them: each block of the model's largest ModuleList (its decoder
-    layers), and the root (embeddings, final norm, head) as one more."""
+def fsdp_blocks(model) -> list:
+    """The modules of the model's largest ModuleList: its decoder blocks."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
-    blocks = list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []
+
+
+def fsdp_units(model) -> list:
+    """FSDP's units (lists of parameters) as torchtune wraps them: each decoder block, and the root
+    (embeddings, final norm, head) as one more."""
+    blocks = fsdp_blocks(model)
     inside = {id(p) for b in blocks for p in b.parameters()}
     root = [p for p in model.parameters() if id(p) not in inside]
     return [list(b.parameters()) for b in blocks] + [root]
@@ -180,7 +185,7 @@ def _per_rank(model, states, method: str, run: PlanConfig, total: int, quantized
     nf4 = (mem.NF4_BITS + mem.QUANT_CONSTANT_BITS["double-quant" if run.double_quant else "absmax-fp32"]) / 8
     weight_bytes = rec["weights"] if method == "full" else nf4 if method == "qlora" else run.frozen_bytes
     largest = largest_grad = 0
-    for params in _units(model):
+    for params in fsdp_units(model):
         frozen = sum(p.numel() for p in params if not p.requires_grad or method == "full")
         trained = sum(p.numel() for p in params if p.requires_grad) if method != "full" else frozen
         largest = max(largest, frozen * weight_bytes + (trained * rec["weights"] if method != "full" else 0))
