@@ -56,6 +56,17 @@ def atomic_folder(path: str | os.PathLike, keep_existing: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def commit_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make a folder that several writers filled (e.g. the ranks of a sharded checkpoint) `path`,
+    in one rename, after its files are on disk. `tmp` must sit beside `path` and be named
+    `.<name>.*.tmp`, so that `stale_temporaries` finds it if the writers are killed first."""
+    tmp, path = Path(tmp), Path(path)
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            _fsync(f)
+    _commit(tmp, path, keep_existing=False)
+
+
 def stale_temporaries(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob(".*.tmp") if p.is_dir())
 

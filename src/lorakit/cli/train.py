@@ -13,6 +13,7 @@ import json
 
 from ..methods import registry
 from ..training.run import train
+from ..training import distributed
 from ..training.trainer import TrainConfig
 from .args import add_config_args, add_method_args, config_values
 
@@ -27,6 +28,8 @@ def run(args) -> int:
     for method in registry.METHODS.values():
         values.update(config_values(method.config, args))
     summary = train(**values)
+    if not distributed.is_main():            # under torchrun the summary is rank 0's to print
+        return 0
     keys = ("weights", "steps", "final_loss", "eval_loss", "seconds", "tokens_per_s", "trainable_params")
     print(json.dumps({k: summary[k] for k in keys} | {"peak_memory_mb": summary["peak_memory"]["peak_above_baseline_bytes"] / 2**20}, indent=2))
     return 0

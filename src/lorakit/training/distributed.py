@@ -43,6 +43,15 @@ def sum_tensor(t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def gather_objects(obj) -> list:
+    """`obj` from every rank, in rank order (a list of one outside torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -127,8 +127,17 @@ class TensorPeak(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live: dict[int, weakref.ref] = {}
+        self.sizes: dict[int, int] = {}
         self.bytes = 0
         self.peak = 0
+
+    def __enter__(self):
+        self._unwatch = _watch_fsdp_storage(self._resized)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._unwatch()
+        return super().__exit__(*exc)
 
     def seed(self, tensors) -> "TensorPeak":
         for t in tensors:
@@ -139,6 +148,7 @@ class TensorPeak(TorchDispatchMode):
         self.peak = self.bytes
 
     def _count(self, t: torch.Tensor) -> None:
+        t = _local(t)
         if t.device.type == "meta":
             return
         storage = t.untyped_storage()
@@ -146,13 +156,26 @@ class TensorPeak(TorchDispatchMode):
         if key in self.live:
             return
         n = storage.nbytes()
-        self.live[key] = weakref.ref(storage, lambda _, key=key, n=n: self._free(key, n))
+        self.live[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+        self.sizes[key] = n
         self.bytes += n
         self.peak = max(self.peak, self.bytes)
 
-    def _free(self, key: int, n: int) -> None:
+    def _free(self, key: int) -> None:
         if self.live.pop(key, None) is not None:
-            self.bytes -= n
+            self.bytes -= self.sizes.pop(key)
+
+    def _resized(self, t: torch.Tensor) -> None:
+        """A storage grown or freed in place (FSDP2 frees a gathered weight with resize_(0), which
+        no aten op reports): count its new size."""
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self.live:
+            self._count(t)
+            return
+        self.bytes += storage.nbytes() - self.sizes[key]
+        self.sizes[key] = storage.nbytes()
+        self.peak = max(self.peak, self.bytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -171,3 +194,46 @@ def model_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     if optimizer is not None:
         for state in optimizer.state.values():
             yield from (v for v in state.values() if torch.is_tensor(v))
+
+
+def _watch_fsdp_storage(resized):
+    """Call `resized(tensor)` after FSDP2 allocates or frees a gathered weight's storage in place;
+    returns the undo. (FSDP2 does this in `alloc_storage`/`free_storage`, private names of
+    torch 2.x: if they move, the tracer counts gathered weights as never freed, an overestimate.)"""
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    except ImportError:
+        return lambda: None
+    patched = []
+    for module in (_fsdp_param, _fsdp_param_group):
+        for name in ("alloc_storage", "free_storage"):
+            original = getattr(module, name, None)
+            if original is None:
+                continue
+
+            def watched(tensor, _original=original):
+                _original(tensor)
+                resized(tensor)
+            setattr(module, name, watched)
+            patched.append((module, name, original))
+
+    def undo():
+        for module, name, original in patched:
+            setattr(module, name, original)
+    return undo
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding a DTensor's (an FSDP shard's) bytes on this rank; any other tensor itself."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of this rank's weights, buffers, gradients and optimizer state (a shard's, when sharded)."""
+    seen, total = set(), 0
+    for t in model_tensors(model, optimizer):
+        storage = _local(t).untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total

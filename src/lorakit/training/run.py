@@ -26,10 +26,10 @@ from ..plan.report import DTYPE_BYTES, PlanConfig, plan_model
 from ..models import load_base, resolve_device
 from ..optim import state_bytes
 from ..quant import prepare_for_training, quantize
-from . import checkpoint, distributed
+from . import checkpoint, distributed, fsdp
 from .data import load_dataset
 from .rows import parse_columns
-from .memory import PeakMemory, TensorPeak, model_tensors, trim_heap
+from .memory import PeakMemory, TensorPeak, model_state_bytes, model_tensors, trim_heap
 from .outputs import AdapterWeights, ModelWeights
 from .trainer import Trainer, TrainConfig
 
@@ -43,6 +43,11 @@ def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
         raise TypeError(f"unknown training option(s) {unknown} for method {cfg.method!r}")
     if method.family == "full" and cfg.kl_base:
         raise ValueError("kl_base needs a frozen base to compare against; full fine-tuning has none")
+    if cfg.method == "prefix" and cfg.grad_checkpointing:
+        raise ValueError("prefix tuning with grad_checkpointing is not supported: the prefix reaches each layer as a "
+                         "pre-filled KV cache, and transformers' gradient checkpointing drops the cache of a layer that "
+                         "writes to it (GradientCheckpointingLayer sets cache=None), so the layers would never see "
+                         "the prefix. Train prefixes without --grad-checkpointing")
     if method.family == "full" and cfg.quantize:
         raise ValueError("quantize needs a frozen base: a 4-bit base cannot be fully fine-tuned")
     return cfg, method.make(**{k: v for k, v in kwargs.items() if k in method.option_names()})
@@ -119,18 +124,32 @@ def _prepare(model, tokenizer, cfg: TrainConfig, method_cfg, adapter: str) -> _R
         quantize(model, compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
         prepare_for_training(model)
         trim_heap()                        # the float weights just freed leave RSS
+    sharded = resume_from is not None and checkpoint.is_sharded(resume_from)   # weights come with the state
+    if sharded:
+        _same_method(resume_from, method_cfg)
     if full:
         model.requires_grad_(True)
-    elif resume_from is None:
+    elif resume_from is None or sharded:
         inject(model, method_cfg, name=adapter, tokenizer=tokenizer)
-    if resume_from is not None:
+    if resume_from is not None and not sharded:
         weights.load(model, resume_from / weights.folder)
-    trainer = Trainer(model, tokenizer, train_set, cfg, eval_set, adapter, weights)
+    trainer = Trainer(model, tokenizer, train_set, cfg, eval_set, adapter, weights,
+                      method_config=dataclasses.asdict(method_cfg))
     if resume_from is not None:
         trainer.restore(resume_from)
     if distributed.is_main() and train_set.bad_rows:
         write_text(Path(cfg.out) / "bad_rows.jsonl", "".join(json.dumps(r) + "\n" for r in train_set.bad_rows))
     return _Run(trainer, weights, train_set, resume_from)
+
+
+def _same_method(path: Path, method_cfg) -> None:
+    """A sharded checkpoint holds tensors by name, not the adapter's config: it must be this run's."""
+    saved = json.loads((path / checkpoint.STATE_JSON).read_text()).get("method_config")
+    now = json.loads(json.dumps(dataclasses.asdict(method_cfg)))       # tuples as JSON lists, like `saved`
+    if saved is not None and saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise ValueError(f"--resume {path}: the checkpoint was trained with other adapter options ("
+                         + ", ".join(f"{k}={saved.get(k)!r} there, {now.get(k)!r} here" for k in diff) + ")")
 
 
 def _summarize(model, cfg: TrainConfig, method_cfg, run: _Run, history: list, seconds: float,
@@ -155,7 +174,14 @@ def _summarize(model, cfg: TrainConfig, method_cfg, run: _Run, history: list, se
     }
     if tracer is not None:
         summary["peak_memory"]["tensor_peak_bytes"] = tracer.peak
-    summary["planned_memory"] = planned = _planned(model, cfg, method_cfg, train_set, trainer.world)
+    if trainer.world > 1:       # each rank's own figures (rank 0's stand above); the plan is per rank
+        summary["per_rank"] = distributed.gather_objects({"peak_memory": summary["peak_memory"],
+                                                          "model_state_bytes": model_state_bytes(model, trainer.optimizer)})
+        if tracer is not None:
+            summary["peak_memory"]["tensor_peak_bytes"] = max(r["peak_memory"]["tensor_peak_bytes"]
+                                                             for r in summary["per_rank"])
+    summary["model_state_bytes"] = model_state_bytes(model, trainer.optimizer)
+    summary["planned_memory"] = planned = _planned(model, cfg, method_cfg, train_set, trainer.world, trainer.sharded)
     if "total_bytes" in planned:
         # the like-for-like comparison: live tensor bytes when traced; otherwise RSS (CPU), which
         # also holds what the allocator keeps (see memory.py), or the CUDA allocator's peak
@@ -185,21 +211,24 @@ def plot_loss(history: list[dict], path: Path) -> Path:
     return path
 
 
-def _planned(model, cfg: TrainConfig, method_cfg, train_set, world: int = 1) -> dict:
+def _planned(model, cfg: TrainConfig, method_cfg, train_set, world: int = 1, sharded: bool = False) -> dict:
     """The planner's prediction for this run's configuration, recorded beside the measured peak."""
     config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]      # plan exactly this model, whatever cfg.model says
+    config.architectures = [fsdp.model_class(model).__name__]    # plan exactly this model, whatever cfg.model says
     seq = cfg.max_len if cfg.packing else train_set.examples.longest  # batches pad to their longest
     micro = cfg.batch_size // world                                                          # rows per rank
     try:
         run = PlanConfig(recipe="fp32", optimizer="adamw" if cfg.optimizer == "adamw" else "adamw8bit",
                          dtype=cfg.dtype if cfg.dtype in DTYPE_BYTES else "float32",
                          activation_dtype="bfloat16" if cfg.bf16 else None, seq_len=seq, micro_batch=micro,
-                         grad_checkpointing=cfg.grad_checkpointing, grad_accum=cfg.grad_accum, quantize=cfg.quantize)
+                         grad_checkpointing=cfg.grad_checkpointing, grad_accum=cfg.grad_accum, quantize=cfg.quantize,
+                         world_size=world, shard="full" if sharded else "none")
         plan = plan_model(cfg.model, method_cfg, run, config=config)
     except (ValueError, OSError) as e:   # e.g. a model class transformers cannot rebuild from its config
         return {"error": str(e)}
-    optimizer = next(c["bytes"] for c in plan["memory"]["components"] if c["component"].endswith("optimizer"))
-    return {"total_bytes": plan["memory"]["total_bytes"], "components": plan["memory"]["components"],
-            "optimizer_bytes": optimizer,
-            "peak_rule": plan["memory"]["peak_rule"], "recipe": "fp32", "seq_len": seq, "micro_batch": micro}
+    memory = plan.get("memory_per_rank", plan["memory"])          # one rank's share when past one device
+    optimizer = next(c["bytes"] for c in memory["components"] if c["component"].endswith("optimizer"))
+    return {"total_bytes": memory["total_bytes"], "components": memory["components"],
+            "optimizer_bytes": optimizer, "per_rank": "memory_per_rank" in plan, "world_size": world,
+            "shard": "full" if sharded else "none",
+            "peak_rule": memory["peak_rule"], "recipe": "fp32", "seq_len": seq, "micro_batch": micro}

@@ -25,7 +25,7 @@ from .. import families
 from ..atomic import write_text
 from ..config import doc as _doc
 from ..inject import disabled
-from . import checkpoint, distributed
+from . import checkpoint, distributed, fsdp
 from .data import IGNORE, Dataset, collate, collate_packed, pack
 from .rows import FORMATS, parse_columns
 from ..optim import AdamW8bit
@@ -82,6 +82,9 @@ class TrainConfig:
         "CPU/glibc: mmap tensors >= 64 KiB so freed activations leave RSS (~35% lower peak, ~1.8x step time)"))
     trace_memory: bool = field(default=False, metadata=_doc(
         "count live tensor bytes op by op: the exact peak the planner predicts, on any device (~5% slower)"))
+    fsdp: bool = field(default=False, metadata=_doc(
+        "under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, ZeRO-3); checkpoints "
+        "in torch.distributed.checkpoint format, resumable on any number of ranks"))
     progress: bool = field(default=True, metadata=_doc("show a progress bar"))
 
     def __post_init__(self):
@@ -101,6 +104,16 @@ class TrainConfig:
         parse_columns(self.columns)
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"TrainConfig.quantize = {self.quantize!r}: expected 'nf4' or None")
+        if self.fsdp and self.quantize:
+            raise ValueError("TrainConfig.fsdp with quantize='nf4' is not supported: lorakit's NF4 base keeps its "
+                             "packed bytes and constants in buffers, which FSDP2 replicates on every rank instead of "
+                             "sharding; sharding them needs a storage-dtype parameter whose all-gather FSDP runs "
+                             "(FSDP-QLoRA's approach), not built yet. Use --fsdp without --quantize, or --quantize "
+                             "nf4 under plain torchrun (data parallel, the 4-bit base on every rank)")
+        if self.fsdp and self.optimizer != "adamw":
+            raise ValueError(f"TrainConfig.fsdp with optimizer={self.optimizer!r} is not supported: the 8-bit "
+                             "optimizers quantize each parameter's moments in blocks laid over the whole tensor, "
+                             "which a shard is not; use optimizer='adamw' (its moments shard with the weights)")
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
@@ -136,11 +149,20 @@ class NonFiniteLoss(RuntimeError):
 def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], *masks: torch.Tensor) -> list[torch.Tensor]:
     """Next-token logits at the positions each (B, T-1) mask selects: one (N_i, V) tensor per mask."""
     if families.plain_head(model.config):
-        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, C)
-        head = model.get_output_embeddings()
-        return [head(hidden[m]) for m in masks]
+        if hasattr(model, HEAD_LOGITS):          # sharded: the root unit gathered around the call
+            return getattr(model, HEAD_LOGITS)(inputs, masks)
+        return head_logits(model, inputs, masks)
     logits = model(**inputs, use_cache=False).logits[:, :-1]                            # (B, T-1, V)
     return [logits[m] for m in masks]
+
+
+HEAD_LOGITS = "lorakit_head_logits"
+
+
+def head_logits(model: nn.Module, inputs: dict[str, torch.Tensor], masks) -> list[torch.Tensor]:
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]      # (B, T-1, C)
+    head = model.get_output_embeddings()
+    return [head(hidden[m]) for m in masks]
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -184,8 +206,9 @@ def kl_mask(rows, width: int, stride: int) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, model: nn.Module, tokenizer, train_set: Dataset, cfg: TrainConfig,
-                 eval_set: Dataset | None = None, adapter: str = "default", weights=None):
+                 eval_set: Dataset | None = None, adapter: str = "default", weights=None, method_config: dict | None = None):
         self.model, self.tokenizer, self.cfg, self.adapter = model, tokenizer, cfg, adapter
+        self.method_config = method_config          # recorded in checkpoints: a sharded one holds no adapter config
         self.weights = weights or AdapterWeights(adapter)      # what checkpoints and the run write
         self.rank, self.world = distributed.init()
         if cfg.release_memory:
@@ -199,6 +222,8 @@ class Trainer:
         if train_set.kl_rows and not cfg.kl_base:
             raise ValueError(f"{train_set.path}: {train_set.kl_rows} kl-text rows carry no loss of their own; "
                              "they only feed the KL-to-base penalty, so set kl_base > 0 (or remove them)")
+        self.sharded = cfg.fsdp and self.world > 1
+        self._setup_model(model)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("the model has no trainable parameters: inject an adapter first")
@@ -214,11 +239,21 @@ class Trainer:
         self.step = 0
         self._order = (None, None)          # (epoch, its permutation of the rows)
         self.history: list[dict] = []
-        if cfg.grad_checkpointing:
+
+    def _setup_model(self, model: nn.Module) -> None:
+        """Activation checkpointing, then (under --fsdp on several ranks) the sharding: both before
+        the optimizer sees the parameters, which sharding replaces by their shards."""
+        if self.cfg.grad_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.x name
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.sharded:
+            fsdp.shard(model, bf16=self.cfg.bf16)
+            fsdp.forward_method(model, HEAD_LOGITS, head_logits)
+        elif self.cfg.fsdp and distributed.is_main():
+            print("fsdp: one process, nothing to shard; checkpoints are written sharded-format, so a run on "
+                  "more ranks can resume them", file=sys.stderr)
 
     # -- data order ----------------------------------------------------------------------------
     def micro_batch(self, k: int) -> list:
@@ -242,10 +277,13 @@ class Trainer:
         total_loss = torch.zeros(())
         autocast = torch.autocast("cuda" if self._device().type == "cuda" else "cpu", dtype=torch.bfloat16) \
             if cfg.bf16 else nullcontext()
+        scale = fsdp.loss_scale() if self.sharded else 1      # FSDP averages over ranks; we want the sum
         for rows in batches:
-            mine = rows[self.rank::self.world]
-            if not mine:
-                continue
+            mine, weight = rows[self.rank::self.world], scale
+            if not mine:                   # a short last batch: a sharded rank still runs every unit's
+                if not self.sharded:       # collectives, on a row that counts zero
+                    continue
+                mine, weight = rows[:1], 0.0
             batch = self.collate(mine, self.pad_id)
             if n_probe:
                 batch["kl_mask"] = kl_mask(mine, batch["labels"].shape[1], cfg.kl_stride)
@@ -255,15 +293,18 @@ class Trainer:
                     loss, kl = loss_and_kl_sum(model, batch)
                 else:
                     loss, kl = loss_sum(model, batch)[0], torch.zeros(())
-            (loss / n_tokens + (cfg.kl_base * kl / n_probe if n_probe else 0)).backward()
-            total_loss += loss.detach().float().cpu()
-            total_kl += kl.detach().float().cpu()
+            ((loss / n_tokens + (cfg.kl_base * kl / n_probe if n_probe else 0)) * weight).backward()
+            if weight:
+                total_loss += loss.detach().float().cpu()
+                total_kl += kl.detach().float().cpu()
         params = list(self.params.values())
-        distributed.sum_gradients(params)
+        if not self.sharded:               # FSDP reduce-scatters in backward already
+            distributed.sum_gradients(params)
         distributed.sum_tensor(total_loss)
         distributed.sum_tensor(total_kl)
         mean_loss = total_loss.item() / n_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
         if not math.isfinite(mean_loss) or not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             last = checkpoint.latest(self.out)
@@ -299,14 +340,27 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
+        state = {"train_config": asdict(self.cfg), "adapter": self.adapter, "total_steps": self.total,
+                 "world_size": self.world, "method_config": self.method_config}
+        if self.cfg.fsdp:                  # every rank writes its shard
+            return checkpoint.save_sharded(self.out, self.step, self.model, self.optimizer, state,
+                                           keep=self.cfg.keep_checkpoints, trainable_only=not self.full)
         if not distributed.is_main():
             return None
-        state = {"train_config": asdict(self.cfg), "adapter": self.adapter, "total_steps": self.total}
         return checkpoint.save(self.out, self.step, self.model, self.weights, self.optimizer, self.names, state,
                                keep=self.cfg.keep_checkpoints)
 
+    @property
+    def full(self) -> bool:
+        """Whether every weight trains (then checkpoints hold the whole model)."""
+        return self.weights.folder == "model"
+
     def restore(self, path: Path) -> None:
-        state = checkpoint.load(path, self.optimizer, self.params)
+        """Continue from checkpoint `path`; a sharded one restores weights too (any number of ranks)."""
+        if checkpoint.is_sharded(path):
+            state = checkpoint.load_sharded(path, self.model, self.optimizer, trainable_only=not self.full)
+        else:
+            state = checkpoint.load(path, self.optimizer, self.params)
         self.step = state["step"]
         if state.get("total_steps") != self.total:
             raise ValueError(f"{path}: the checkpoint was written by a run of {state.get('total_steps')} steps, "
@@ -343,8 +397,9 @@ class Trainer:
                     self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
-        if distributed.is_main():
-            self.weights.save(self.model, self.out / self.weights.folder)
+        with fsdp.gathered(self.model) if self.sharded else nullcontext():
+            if distributed.is_main():
+                self.weights.save(self.model, self.out / self.weights.folder)
         distributed.barrier()
         return self.history
 
