@@ -13,8 +13,10 @@ leftovers of a killed write and are ignored (and removed on the next save). Only
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import warnings
 import shutil
 from pathlib import Path
 
@@ -78,7 +80,8 @@ def save_sharded(out: str | Path, step: int, model: nn.Module, optimizer: torch.
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED))
+    with _one_process_is_meant():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED), no_dist=not dist.is_initialized())
     if main:
         _write_state(tmp, _rng_tensors(), state, step)
         commit_folder(tmp, final)
@@ -111,6 +114,14 @@ def _prune(root: Path, final: Path, keep: int) -> None:
         older = sorted(p for p in root.glob("step-*") if p != final)
         for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_process_is_meant():
+    """DCP warns that it assumes one process when there is no process group, even when told so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def _barrier() -> None:
@@ -148,10 +159,13 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     target = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(target, checkpoint_id=str(path / SHARDED))
+        with _one_process_is_meant():
+            dcp.load(target, checkpoint_id=str(path / SHARDED), no_dist=not dist.is_initialized())
     except Exception as e:          # DCP raises CheckpointException, wrapping each rank's error
         raise ValueError(f"{path / SHARDED}: cannot load this sharded checkpoint into this model: {e}") from e
-    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"], options=options)
+    # dcp.load has checked every trainable tensor is in the file; the frozen ones are not meant to be
+    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"],
+                   options=StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only))
     return _restore_state(path, read_tensors(path / STATE_TENSORS))
 
 
