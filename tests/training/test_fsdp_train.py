@@ -165,3 +165,29 @@ def test_prefix_with_grad_checkpointing_is_refused(carrier, tmp_path):
     with pytest.raises(ValueError, match="cache=None"):
         lk.train(model="tiny-llama", data=str(carrier["train"]), out=str(tmp_path), method="prefix",
                  grad_checkpointing=True, steps=1, progress=False)
+
+
+@needs_torchrun
+def test_a_rank_without_rows_in_the_last_batch_still_steps_with_the_others(tmp_path):
+    """9 rows in batches of 4: the last batch has one row, so rank 1 has none (it runs a zero-weight row)."""
+    from lorakit.datasets import write
+    data = write(tmp_path / "data", n_train=9, n_heldout=2, seed=3)["train"]
+    flags = [*METHOD_FLAGS["lora"], "--epochs", "1"]
+    _train(tmp_path / "one", data, 0, *flags)
+    _train(tmp_path / "fsdp", data, 2, *flags, "--fsdp")
+    assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["steps"] == 3
+    assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "fsdp")) <= 1e-5
+
+
+@needs_torchrun
+def test_bf16_mixed_precision_with_the_kl_guard_and_held_out_loss(tmp_path, carrier):
+    """--bf16 under FSDP all-gathers bf16 weights and reduces fp32 gradients: not bit-equal to autocast
+    in one process, but the same training to bf16's precision."""
+    flags = [*METHOD_FLAGS["lora"], "--steps", "3", "--bf16", "--kl-base", "0.5", "--eval-data", str(carrier["heldout"])]
+    _train(tmp_path / "one", carrier["train"], 0, *flags)
+    _train(tmp_path / "fsdp", carrier["train"], 2, *flags, "--fsdp")
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "fsdp"))
+    assert abs(one["final_loss"] - two["final_loss"]) <= 1e-3 * one["final_loss"]
+    assert abs(one["eval_loss"] - two["eval_loss"]) <= 1e-3 * one["eval_loss"]
+    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kl_base"] > 0
