@@ -5,7 +5,9 @@ at N = 8) and plain division: what a strategy shards is divided by N, what it do
 """
 import pytest
 
+import lorakit as lk
 from lorakit.cli import main
+from lorakit.plan.report import fsdp_units
 from lorakit.plan import memory as mem
 from tests.plan.test_plan import plan
 
@@ -40,14 +42,18 @@ def test_each_strategy_splits_what_it_names(strategy, per_rank):
 def test_full_sharding_pays_for_the_largest_unit_and_never_splits_activations():
     states = mem.model_states(1000, 0, "full", "12-byte")
     states.add("activations", 500, "x", "activations")
-    per_rank = mem.shard(states, 4, "full", largest_unit=100, largest_unit_gradients=50)
+    per_rank = mem.shard(states, 4, "full", largest_unit=100, largest_unit_gradients=50, root_unit=30,
+                         root_unit_gradients=7)
     lines = {c: b for c, b, _, _ in per_rank.lines}
-    assert lines["activations"] == 500 and lines["all-gathered weights"] == 200 and lines["unsharded gradients"] == 50
+    # two blocks gathered (running, prefetched) + the root, which FSDP2 keeps gathered through backward
+    assert lines["activations"] == 500 and lines["all-gathered weights"] == 2 * 100 + 30
+    assert lines["unsharded gradients"] == 2 * 50 + 7        # a block's gradient and its reduce-scatter copy
     assert lines["weights"] == 500 and lines["optimizer"] == 2000
 
 
 def test_a_model_plan_per_rank(capsys):
-    """A small Llama: per-rank states are the total's over N plus the largest unit (the embeddings and head)."""
+    """A small Llama: per-rank states are the total's over N, plus the root unit (embeddings, head) and two
+    blocks gathered at once, and their gradients before the reduce-scatter."""
     one = plan(capsys, "tiny-llama", "--method", "full", "--recipe", "fp32", "--dtype", "float32")["model"]
     two = plan(capsys, "tiny-llama", "--method", "full", "--recipe", "fp32", "--dtype", "float32",
                "--world-size", "2", "--shard", "full")["model"]
@@ -57,7 +63,9 @@ def test_a_model_plan_per_rank(capsys):
     for part in ("weights", "gradients", "optimizer"):
         assert ranked[part] == states[part] / 2
     assert ranked["activations"] == states["activations"]
-    assert 0 < ranked["all-gathered weights"] < states["weights"]
+    units = [sum(p.numel() for p in u) * 4 for u in fsdp_units(lk.tiny_model("llama"))]   # 2 blocks, then the root
+    assert ranked["all-gathered weights"] == units[-1] + 2 * max(units[:-1])   # here: the whole model's weights
+    assert ranked["unsharded gradients"] == units[-1] + 2 * max(units[:-1])
     lora = plan(capsys, "tiny-llama", "--world-size", "2", "--shard", "grad-opt")["model"]
     assert "all-gathered weights" not in {c["component"] for c in lora["memory_per_rank"]["components"]}
 

@@ -208,14 +208,18 @@ def _part(component: str) -> str:
 
 
 def shard(plan: MemoryPlan, world_size: int, strategy: str = "full", largest_unit: float = 0,
-          largest_unit_gradients: float = 0) -> MemoryPlan:
+          largest_unit_gradients: float = 0, root_unit: float = 0, root_unit_gradients: float = 0) -> MemoryPlan:
     """The plan of one rank out of `world_size` under `strategy` (the seed's "spreading weights,
     gradients, and optimizer state across GPUs"). Sharded states are divided by N (rounded up to
     whole shards: FSDP pads each parameter to a multiple of N, ignored here); activations are
-    not, each rank runs its own micro-batch. Full sharding pays back part of the saving: a unit
-    (a decoder layer, or the root's embeddings and head) is all-gathered before it runs, and the
-    next one is prefetched meanwhile, so two copies of the largest unit's weights are alive, and
-    backward holds its full gradient before the reduce-scatter.
+    not, each rank runs its own micro-batch. Full sharding pays back part of the saving, as FSDP2
+    runs it: a decoder block is all-gathered before it runs while the next one is prefetched (two
+    copies of the largest block's weights), the root unit (embeddings, final norm, head) stays
+    gathered from the start of forward to the end of backward (FSDP2 does not reshard the root
+    after forward), and in backward a block's full gradient is copied into the reduce-scatter's
+    flat buffer (two copies) while the root's full gradient waits for the embeddings' backward.
+    `largest_unit`/`largest_unit_gradients`: the largest block's weight and gradient bytes;
+    `root_unit`/`root_unit_gradients`: the root's.
     """
     if strategy not in SHARDING:
         raise ValueError(f"--shard {strategy!r}: expected one of {list(SHARDING)}")
@@ -228,12 +232,13 @@ def shard(plan: MemoryPlan, world_size: int, strategy: str = "full", largest_uni
             out.add(component, nbytes / world_size, f"({formula}) / {world_size} ranks", kind)
         else:
             out.add(component, nbytes, formula, kind)
-    if "weights" in split and largest_unit:
-        out.add("all-gathered weights", 2 * largest_unit, "2 x the largest unit's weights (the running one and the "
-                f"prefetched next): 2 x {largest_unit:,.0f} B")
-    if "gradients" in split and largest_unit_gradients:
-        out.add("unsharded gradients", largest_unit_gradients, "the largest unit's full gradient before its "
-                f"reduce-scatter: {largest_unit_gradients:,.0f} B", "gradients")
+    if "weights" in split and (largest_unit or root_unit):
+        out.add("all-gathered weights", 2 * largest_unit + root_unit, "the root unit's weights + 2 x the largest "
+                f"block's (the running one and the prefetched next): {root_unit:,.0f} + 2 x {largest_unit:,.0f} B")
+    if "gradients" in split and (largest_unit_gradients or root_unit_gradients):
+        out.add("unsharded gradients", 2 * largest_unit_gradients + root_unit_gradients, "the root's full gradient + "
+                "the largest block's and its reduce-scatter copy: "
+                f"{root_unit_gradients:,.0f} + 2 x {largest_unit_gradients:,.0f} B", "gradients")
     if "gradients" in split and plan.head_gradient:
         out.head_gradient = plan.head_gradient / world_size
     return out

@@ -184,13 +184,17 @@ def _per_rank(model, states, method: str, run: PlanConfig, total: int, quantized
     rec = mem.RECIPES[run.recipe]
     nf4 = (mem.NF4_BITS + mem.QUANT_CONSTANT_BITS["double-quant" if run.double_quant else "absmax-fp32"]) / 8
     weight_bytes = rec["weights"] if method == "full" else nf4 if method == "qlora" else run.frozen_bytes
-    largest = largest_grad = 0
-    for params in fsdp_units(model):
-        frozen = sum(p.numel() for p in params if not p.requires_grad or method == "full")
-        trained = sum(p.numel() for p in params if p.requires_grad) if method != "full" else frozen
-        largest = max(largest, frozen * weight_bytes + (trained * rec["weights"] if method != "full" else 0))
-        largest_grad = max(largest_grad, trained * rec["gradients"])
-    plan = mem.shard(states, run.world_size, run.shard, largest, largest_grad)
+    sizes = []                      # (weight bytes, gradient bytes) of each unit; the root comes last
+    for params in fsdp_units(model):      # the meta model carries an injected adapter: the trainable ones
+        base = sum(p.numel() for p in params if not p.requires_grad)
+        adapter = sum(p.numel() for p in params if p.requires_grad)
+        if method == "full":                # every base weight trains; the adapter is not there
+            sizes.append((base * rec["weights"], base * rec["gradients"]))
+        else:
+            sizes.append((base * weight_bytes + adapter * rec["weights"], adapter * rec["gradients"]))
+    (root, root_grad), blocks = sizes[-1], sizes[:-1] or [(0, 0)]
+    plan = mem.shard(states, run.world_size, run.shard, max(w for w, _ in blocks), max(g for _, g in blocks),
+                     root, root_grad)
     return {"world_size": run.world_size, "shard": run.shard, "memory_per_rank": plan.to_dict()}
 
 

@@ -25,16 +25,37 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+BUCKET_BYTES = 25 * 2**20        # torch DDP's default bucket_cap_mb
+
+
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum each gradient over the ranks, in place, in buckets of ~25 MB (one all-reduce each): the
+    extra memory is one bucket, not a flat copy of every gradient (full fine-tuning's are the model's size)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    bucket, size = [], 0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if bucket and (size >= BUCKET_BYTES or bucket[0].grad.dtype != p.grad.dtype):
+            _all_reduce(bucket)
+            bucket, size = [], 0
+        bucket.append(p)
+        size += p.grad.numel() * p.grad.element_size()
+    if bucket:
+        _all_reduce(bucket)
+
+
+def _all_reduce(bucket: list[torch.nn.Parameter]) -> None:
+    if len(bucket) == 1:
+        dist.all_reduce(bucket[0].grad, op=dist.ReduceOp.SUM)
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in bucket])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset: offset + n].view_as(p).clone()
+    for p in bucket:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
         offset += n
 
 

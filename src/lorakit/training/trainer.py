@@ -29,7 +29,7 @@ from . import checkpoint, distributed, fsdp
 from .data import IGNORE, Dataset, collate, collate_packed, pack
 from .rows import FORMATS, parse_columns
 from ..optim import AdamW8bit
-from .memory import return_freed_memory
+from .memory import return_freed_memory, trim_heap
 from .outputs import AdapterWeights
 from .schedule import lr_factor
 
@@ -250,6 +250,7 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.sharded:
             fsdp.shard(model, bf16=self.cfg.bf16)
+            trim_heap()                    # the whole weights each rank loaded are freed: leave RSS too
             fsdp.forward_method(model, HEAD_LOGITS, head_logits)
         elif self.cfg.fsdp and distributed.is_main():
             print("fsdp: one process, nothing to shard; checkpoints are written sharded-format, so a run on "
