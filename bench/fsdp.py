@@ -160,6 +160,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeat", type=int, default=1, help="rounds, alternating the configurations")
     p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--no-trace", action="store_true", help="skip the traced runs (per-rank peak vs the plan)")
     p.add_argument("--out", default="bench/results/fsdp.json")
     p.add_argument("--data", default=None)
     p.add_argument("--peft-worker", action="store_true")
@@ -186,7 +187,7 @@ def main() -> None:
                 ranks = 2 if "N=2" in name else 1
                 runs[name].append(peft_job(args, data, ranks) | {"ranks": ranks})
     results = {name: max(rs, key=lambda r: r["tokens_per_s"]) for name, rs in runs.items()}
-    for name, (method, ranks, sharded) in jobs.items():      # the tracer's run: per-rank peak vs the plan
+    for name, (method, ranks, sharded) in {} if args.no_trace else jobs.items():   # per-rank peak vs the plan
         print(f"tracing {name}", file=sys.stderr)
         traced = lorakit_job(args, data, method, ranks, sharded, True, work / "traced")
         results[name] |= {"traced_peak_mb": traced["traced_peak_mb"], "planned_mb": traced["planned_mb"]}
