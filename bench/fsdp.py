@@ -22,27 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from roofline import cpu_info
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-
-
-def cpu() -> dict:
-    """What ran the benchmark: the CPU model and the ISA flags that decide fp32/bf16 speed."""
-    info = {"machine": platform.machine(), "cores": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["model"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
-        info["flags"] = sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags)
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 def steady(rows: list[dict]) -> float:
@@ -193,9 +181,9 @@ def main() -> None:
         results[name] |= {"traced_peak_mb": traced["traced_peak_mb"], "planned_mb": traced["planned_mb"]}
     text = table(results, args)
     print(f"{args.model}, batch {args.batch}x{args.max_len} tokens, {args.steps} steps, LoRA r={args.r} all-linear; "
-          f"{cpu()}\n{text}")
+          f"{cpu_info()}\n{text}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "cpu": cpu(), "results": results, "all_runs": runs,
+    Path(args.out).write_text(json.dumps({"args": vars(args), "cpu": cpu_info(), "results": results, "all_runs": runs,
                                           "table": text}, indent=2) + "\n")
 
 

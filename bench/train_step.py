@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import roofline
+
 
 def batch(tokenizer, n: int, seq: int):
     import torch
@@ -84,7 +86,10 @@ def worker(lib: str, args) -> dict:
         losses.append(loss.item())
     timed = times[args.warmup:]
     tokens = int(data["attention_mask"].sum())
+    config = model.config
     return {"lib": lib, "trainable": sum(p.numel() for p in params), "first_loss": losses[0],
+            "base_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "layers": config.num_hidden_layers, "hidden": config.hidden_size,
             "seconds_per_step": sum(timed) / len(timed), "tokens_per_s": tokens * len(timed) / sum(timed),
             "peak_rss_mb": memory.peak() / 2**20, "threads": torch.get_num_threads()}
 
@@ -115,6 +120,11 @@ def main() -> None:
             runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
     # the least disturbed run of each library: the fastest one
     results = {lib: max(rs, key=lambda r: r["tokens_per_s"]) for lib, rs in runs.items()}
+    limits = roofline.machine()            # measured after the workers, so it does not disturb them
+    for r in results.values():
+        flops = roofline.train_flops_per_token(r["base_params"], r["layers"], r["hidden"], args.seq, r["trainable"])
+        r["model_flops_per_token"] = flops
+        r["mfu_fp32"] = roofline.mfu(r["tokens_per_s"], flops, limits["fp32_gflops"])
     lk, pf = results["lorakit"], results["peft"]
     ratios = {"tokens_per_s": lk["tokens_per_s"] / pf["tokens_per_s"], "peak_rss": lk["peak_rss_mb"] / pf["peak_rss_mb"]}
     print(f"{args.model}, r={args.r}, all-linear, batch {args.batch}x{args.seq}, fp32, {lk['threads']} threads")
@@ -123,8 +133,14 @@ def main() -> None:
         print(f"{r['lib']:10}{r['tokens_per_s']:>10.0f}{r['seconds_per_step']:>9.2f}{r['peak_rss_mb']:>13.0f}"
               f"{r['first_loss']:>12.4f}{r['trainable']:>12,}")
     print(f"lorakit / peft: tokens/s x{ratios['tokens_per_s']:.2f}, peak RSS x{ratios['peak_rss']:.2f}")
+    cpu = limits["cpu"]
+    print(f"{cpu['model']} ({', '.join(cpu['flags'])}): fp32 {limits['fp32_gflops']:.0f} GFLOP/s, bf16 "
+          f"{limits['bf16_gflops']:.0f} GFLOP/s ({limits['matmul_n']}^3 matmul), copy {limits['bandwidth_gbs']:.1f} GB/s")
+    print("MFU of the fp32 peak (PaLM/nanoGPT model FLOPs; frozen base: 4N + 6N_adapter + 12LHT per token): "
+          + ", ".join(f"{r['lib']} {r['mfu_fp32']:.3f}" for r in (pf, lk)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "all_runs": runs, "ratios": ratios},
+    Path(args.out).write_text(json.dumps({"args": vars(args), "machine": limits, "results": results, "all_runs": runs,
+                                          "ratios": ratios},
                                          indent=2) + "\n")
 
 
