@@ -3,8 +3,8 @@ on request, the tuned one.
 
 torch's CPU wheel brings GNU OpenMP (libgomp) and glibc's malloc. On Intel Xeons, Intel's OpenMP
 (libiomp5, from the `intel-openmp` wheel) with its threads kept spinning briefly between parallel
-regions measured much faster (issue 20: lorakit serving 47 -> 107 tok/s on a 2-core Xeon); vLLM's
-CPU guide asks for the same. Which runtime wins is a property of the CPU (BENCHMARKS.md, "The CPU
+regions measured faster: serving 16 adapters 47 -> 107 tok/s on a 2-core Xeon (issue 20), 37 -> 63
+on a 2-core EPYC, a LoRA train step x1.14 (bench/runtime.py); vLLM's CPU guide asks for the same. Which runtime wins is a property of the CPU (BENCHMARKS.md, "The CPU
 runtime", per CPU class), and an OpenMP runtime can only be chosen before the process loads torch,
 so the switch is one environment variable, `LORAKIT_RUNTIME=tuned` (or `lorakit --runtime tuned`):
 the command re-executes itself once with Intel OpenMP (and tcmalloc, where the system has it)
@@ -43,7 +43,7 @@ def describe() -> str:
     mode = os.environ.get("LORAKIT_RUNTIME", "stock")
     line = f"runtime: {mode}, {torch.get_num_threads()} threads, {omp}, {alloc}"
     if mode == "stock":
-        line += "; LORAKIT_RUNTIME=tuned preloads Intel OpenMP (faster on Intel CPUs; see BENCHMARKS.md)"
+        line += "; LORAKIT_RUNTIME=tuned preloads Intel OpenMP (measured x1.1-2.3 faster on Xeon and EPYC: BENCHMARKS.md)"
     elif "Intel OpenMP" not in libs:
         line += f"; Intel OpenMP not found ({missing_hint()})"
     return line
