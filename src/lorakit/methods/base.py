@@ -22,6 +22,21 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def sum_dtype(base_out: torch.Tensor, adapter: torch.dtype) -> torch.dtype:
+    """The dtype an adapted layer adds its update in, and returns.
+
+    Under autocast the base layer answers in bf16/fp16, whose 8 (or 11) mantissa bits round away an
+    update smaller than ~0.4% of the base output: early in training a LoRA update is that small,
+    so a bf16 sum loses most of it and bf16 runs learn markedly slower than fp32 ones (measured in
+    BENCHMARKS.md). Under autocast the sum is therefore taken, and returned, in the adapter's
+    precision; the next autocast op casts its input anyway. Without autocast (a base stored in
+    bf16 end to end) the layer must answer in the base's dtype for the next layer to accept it.
+    """
+    if adapter.itemsize > base_out.dtype.itemsize and torch.is_autocast_enabled(base_out.device.type):
+        return adapter
+    return base_out.dtype
+
+
 class WeightAdapter(nn.Module):
     """One named adapter on one base layer. Subclasses define the math, nothing else."""
 

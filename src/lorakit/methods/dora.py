@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, sum_dtype
 from .lora import LoraAdapter
 
 
@@ -89,12 +89,13 @@ class DoraAdapter(LoraAdapter):
             x = self.dropout(x)                                                  # (..., d_in)
             base = F.linear(x, layer.base_weight().to(x.dtype))                  # (..., d_out), no bias
             update = F.linear(F.linear(x, self.A), self.B)
-            return base_out + ((g - 1) * base + g * self.scale * update).to(base_out.dtype)
+            dt = sum_dtype(base_out, x.dtype)
+            return base_out.to(dt) + ((g - 1) * base + g * self.scale * update).to(dt)
         update = F.linear(F.linear(x, self.A), self.B)                           # (..., r) -> (..., d_out)
-        y = base_out.to(x.dtype)
+        y, dt = base_out.to(x.dtype), sum_dtype(base_out, x.dtype)
         if bias is None:
-            return (g * (y + self.scale * update)).to(base_out.dtype)
-        return (g * (y - bias + self.scale * update) + bias).to(base_out.dtype)
+            return (g * (y + self.scale * update)).to(dt)
+        return (g * (y - bias + self.scale * update) + bias).to(dt)
 
     # -- merge ------------------------------------------------------------------------------
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:

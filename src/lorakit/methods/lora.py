@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, WeightAdapter
+from .base import AdapterLayer, WeightAdapter, sum_dtype
 
 
 class LoraAdapter(WeightAdapter):
@@ -30,7 +30,8 @@ class LoraAdapter(WeightAdapter):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer: AdapterLayer) -> torch.Tensor:
         x = self.dropout(x.to(self.A.dtype))                  # (..., d_in)
         update = F.linear(F.linear(x, self.A), self.B)         # (..., r) -> (..., d_out)
-        return base_out + (self.scale * update).to(base_out.dtype)
+        dt = sum_dtype(base_out, self.A.dtype)
+        return base_out.to(dt) + (self.scale * update).to(dt)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.scale * (self.B @ self.A)                  # (d_out, d_in)
