@@ -69,3 +69,50 @@ def test_bf16_training_tracks_fp32_on_the_embedded_model(embedded_folder, tmp_pa
     assert fp32[-1] < fp32[0] - 0.3
     # the stated tolerance on this model: each step within 3% of fp32 (a bf16 sum: 6% off by step 2, 18% by 6)
     assert max(abs(a - b) / a for a, b in zip(fp32, bf16)) < 0.03, (fp32, bf16)
+
+
+class _Siblings(torch.nn.Module):
+    """Two projections reading one input, as q/k/v and gate/up do."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(32, 16), torch.nn.Linear(32, 8)
+
+    def forward(self, x, bump=False):
+        a = self.q(x)
+        if bump:
+            x.mul_(2)                        # an in-place write between the calls: no stale cast
+        return a, self.k(x)
+
+
+def test_siblings_share_one_cast_of_their_input_and_it_is_never_stale():
+    torch.manual_seed(0)
+    plain = _Siblings()
+    model = lk.inject(_Siblings(), lk.LoraConfig(r=4, targets=["q", "k"]))
+    model.load_state_dict({**plain.state_dict(), **{k: v for k, v in model.state_dict().items() if "adapters" in k}},
+                          strict=False)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(5, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = model(x)
+    (a.sum() + b.sum()).backward()
+    # the oracle: each layer's own math on its own bf16 cast (what autocast does layer by layer)
+    ref_x = x.detach().clone().requires_grad_(True)
+    outs = []
+    for name in ("q", "k"):
+        layer, xb = getattr(model, name), ref_x.bfloat16()
+        ad = layer.adapters["default"]
+        base = torch.nn.functional.linear(xb, layer.base_layer.weight.bfloat16(), layer.base_layer.bias.bfloat16())
+        mid = xb @ ad.A.bfloat16().T
+        outs.append(base.float() + ad.scale * (mid.float() @ ad.B.T))
+    (outs[0].sum() + outs[1].sum()).backward()
+    torch.testing.assert_close(a, outs[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(b, outs[1], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=2e-2, atol=2e-2)
+    x2 = torch.randn(5, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bumped = model(x2.clone(), bump=True)
+        fresh = model.k(x2 * 2)
+    torch.testing.assert_close(bumped, fresh, rtol=0, atol=0)

@@ -10,6 +10,9 @@ Merging into a 4-bit base dequantizes it and keeps the merged result as a float 
 """
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 from torch import nn
 
@@ -35,6 +38,35 @@ def sum_dtype(base_out: torch.Tensor, adapter: torch.dtype) -> torch.dtype:
     if adapter.itemsize > base_out.dtype.itemsize and torch.is_autocast_enabled(base_out.device.type):
         return adapter
     return base_out.dtype
+
+
+class _SharedCast(threading.local):
+    """The last input cast to the autocast dtype, while that input lives: q/k/v (gate/up) are called
+    with one tensor, and under autocast each would otherwise cast it again, for its base matmul and
+    for its adapter's, and keep each copy for backward."""
+    entry = None      # (weakref to the input, its version, grad mode, autocast dtype, the cast)
+
+    def get(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        e, key = self.entry, (x._version, torch.is_grad_enabled(), dtype)
+        if e is not None and e[0]() is x and e[1:4] == key:
+            return e[4]
+        cast = x.to(dtype)
+        ref = weakref.ref(x, lambda r: setattr(self, "entry", None) if self.entry and self.entry[0] is r else None)
+        self.entry = (ref, *key, cast)
+        return cast
+
+
+_shared_cast = _SharedCast()
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the autocast dtype when autocast is on for its device (what the base and adapter
+    matmuls would each cast it to), cast once for every layer that reads the same tensor."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or not x.is_floating_point():
+        return x
+    dtype = torch.get_autocast_dtype(device)
+    return x if x.dtype == dtype else _shared_cast.get(x, dtype)
 
 
 class WeightAdapter(nn.Module):
@@ -85,6 +117,8 @@ class AdapterLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if type(self.base_layer) is nn.Linear:    # its matmul would cast x under autocast anyway
+            x = autocast_input(x)
         out = self.base_layer(x, *args, **kwargs)
         for name in self.active:
             if name in self.adapters and name not in self.merged:

@@ -28,10 +28,17 @@ class LoraAdapter(WeightAdapter):
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer: AdapterLayer) -> torch.Tensor:
-        x = self.dropout(x.to(self.A.dtype))                  # (..., d_in)
-        update = F.linear(F.linear(x, self.A), self.B)         # (..., r) -> (..., d_out)
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):             # under autocast the matmul casts x itself
+            x = x.to(self.A.dtype)
+        mid = F.linear(self.dropout(x), self.A)                # (..., d_in) -> (..., r)
         dt = sum_dtype(base_out, self.A.dtype)
-        return base_out.to(dt) + (self.scale * update).to(dt)
+        if dt != self.A.dtype:                                 # a half-precision base without autocast
+            return base_out + (self.scale * F.linear(mid, self.B)).to(dt)
+        with torch.autocast(device, enabled=False):            # W0 x + s B mid in one fused addmm, in fp32
+            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]).to(dt), mid.reshape(-1, self.r).to(dt),
+                              self.B.t(), alpha=self.scale)
+        return out.view(base_out.shape)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.scale * (self.B @ self.A)                  # (d_out, d_in)
