@@ -116,3 +116,25 @@ def test_siblings_share_one_cast_of_their_input_and_it_is_never_stale():
         _, bumped = model(x2.clone(), bump=True)
         fresh = model.k(x2 * 2)
     torch.testing.assert_close(bumped, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_cli_picks_bf16_where_the_cpu_has_it_and_says_why(tmp_path, carrier, capsys, monkeypatch, fast):
+    from lorakit.cli import main
+    from lorakit.cli import train as train_cmd
+    monkeypatch.setattr(train_cmd, "fast_bf16", lambda device: (fast, "the reason given"))
+    seen = {}
+    monkeypatch.setattr(train_cmd, "train", lambda **kw: seen.update(kw) or {"peak_memory": {}})
+    main(["train", "--model", "tiny-llama", "--data", str(carrier["train"]), "--out", str(tmp_path), "--no-progress"])   # the stub's summary fails to print: not under test
+    err = capsys.readouterr().err
+    assert seen["bf16"] is fast
+    assert ("precision: bf16 autocast, frozen base stored in bfloat16, adapters and optimizer state fp32" in err) is fast
+    assert ("precision: fp32 (the reason given" in err) is not fast
+
+
+def test_auto_dtype_stores_the_frozen_base_in_bf16_only_under_bf16():
+    from lorakit.training.run import split_kwargs
+    assert split_kwargs({"data": "x", "bf16": True})[0].dtype == "bfloat16"
+    assert split_kwargs({"data": "x"})[0].dtype == "float32"
+    assert split_kwargs({"data": "x", "bf16": True, "method": "full"})[0].dtype == "float32"   # trained weights stay fp32
+    assert split_kwargs({"data": "x", "bf16": True, "dtype": "float32"})[0].dtype == "float32"

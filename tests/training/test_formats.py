@@ -213,9 +213,9 @@ def test_each_shape_trains_through_the_cli_and_the_api(tmp_path, shape, kind, ca
     summary = lk.train(data=str(data), out=str(tmp_path / "api"), **common)
     assert summary["steps"] == 2 and summary["data"]["formats"] == {label: 4} and summary["final_loss"] > 0
     code = main(["train", "--model", "tiny-llama", "--data", str(data), "--out", str(tmp_path / "cli"), "--steps", "2",
-                 "--batch-size", "2", "--r", "2", "--no-progress"])
+                 "--batch-size", "2", "--r", "2", "--no-progress", "--no-bf16"])   # the API's default precision
     captured = capsys.readouterr()
-    assert code == 0 and f"{label} x4" in captured.err
+    assert code == 0 and f"{label} x4" in captured.err and "precision: fp32 (as asked" in captured.err
     assert json.loads(captured.out)["final_loss"] == pytest.approx(summary["final_loss"], rel=1e-6)
 
 

@@ -35,6 +35,8 @@ def _env():
 def _train(out, data, ranks=0, *flags, script=None, env=None, check=True):
     """`lorakit train` in one plain process (ranks=0) or under torchrun on `ranks` processes."""
     args = ["--data", str(data), "--out", str(out), "--batch-size", "4", "--lr", "5e-3", "--no-progress", *flags]
+    if "--bf16" not in flags:                # exactness across rank counts is an fp32 property
+        args.append("--no-bf16")
     if "--model" not in flags:
         args = ["--model", "tiny-llama", *args]
     entry = [str(script)] if script else ["-m", "lorakit", "train"]

@@ -38,6 +38,9 @@ def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in kwargs.items() if k in train_names})
     method = registry.get(cfg.method)
+    if cfg.dtype == "auto":               # a frozen base under bf16 compute is stored in bf16: half the bytes
+        frozen = method.family != "full" and not cfg.quantize and not cfg.fsdp
+        cfg = dataclasses.replace(cfg, dtype="bfloat16" if cfg.bf16 and frozen else "float32")
     unknown = sorted(set(kwargs) - train_names - method.option_names())
     if unknown:
         raise TypeError(f"unknown training option(s) {unknown} for method {cfg.method!r}")
@@ -51,6 +54,15 @@ def split_kwargs(kwargs: dict) -> tuple[TrainConfig, object]:
     if method.family == "full" and cfg.quantize:
         raise ValueError("quantize needs a frozen base: a 4-bit base cannot be fully fine-tuned")
     return cfg, method.make(**{k: v for k, v in kwargs.items() if k in method.option_names()})
+
+
+def describe_precision(cfg: TrainConfig) -> str:
+    if not cfg.bf16:
+        return "fp32"
+    if registry.get(cfg.method).family == "full":
+        return "bf16 autocast, weights and optimizer state fp32"
+    return (f"bf16 autocast, frozen base stored in {'NF4 (4-bit)' if cfg.quantize else cfg.dtype}, adapters and "
+            "optimizer state fp32, adapter sums fp32")
 
 
 def train(**kwargs) -> dict:

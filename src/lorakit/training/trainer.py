@@ -76,7 +76,9 @@ class TrainConfig:
     kl_stride: int = field(default=2, metadata=_doc("apply the KL penalty at every N-th input position"))
     quantize: str = field(default=None, metadata=_doc(
         "nf4: store the frozen base's block linear layers in 4-bit NF4 with double quantization (QLoRA)"))
-    dtype: str = field(default="float32", metadata=_doc("base model dtype: float32, bfloat16, float16"))
+    dtype: str = field(default="auto", metadata=_doc(
+        "base model dtype: float32, bfloat16, float16, or auto: the frozen base stored in bfloat16 under --bf16 "
+        "(adapters and optimizer state stay fp32), else float32"))
     device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
     release_memory: bool = field(default=False, metadata=_doc(
         "CPU/glibc: mmap tensors >= 64 KiB so freed activations leave RSS (~35% lower peak, ~1.8x step time)"))
