@@ -110,7 +110,12 @@ def e2e_lorakit(args) -> dict:
 
     names = sorted(p.name for p in Path(args.dir).iterdir())
     served = build(ServeConfig(model=args.model, adapters=args.dir, max_num_seqs=len(names), max_batch_tokens=1024,
-                               device=args.device))
+                               device=args.device, dtype=args.dtype))
+    base = served.engine.runner.model
+    slot = next(iter(served.engine.runner.handle.layers.values())).A.dtype
+    bytes_read = {"base": sum(t.nbytes for t in base.parameters()),        # what one decode step must read
+                  "adapter": (Path(args.dir) / names[0] / "adapter_model.safetensors").stat().st_size
+                  * slot.itemsize // 4}                                     # the fp32 file, in the slots' dtype
     for name in names:                             # read every adapter before timing (peft loads its up front too)
         served.adapters.prefetch(name).result()
 
@@ -143,7 +148,7 @@ def e2e_lorakit(args) -> dict:
     seconds, generated, texts, steps = drive(served, client)
     valid = [_validates(text) for j, text in enumerate(texts) if variant == "json" and j % 2 == 0]
     return {"seconds": seconds, "generated": generated, "tokens_per_s": generated / seconds, "variant": variant,
-            "texts": dict(zip(names, texts)), "steps": steps, "constrained_valid": sum(valid),
+            "precision": served.precision, "bytes_read": bytes_read, "texts": dict(zip(names, texts)), "steps": steps, "constrained_valid": sum(valid),
             "constrained": len(valid)}
 
 
@@ -172,8 +177,11 @@ def e2e_peft(args) -> dict:
 
     import lorakit as lk
 
+    from lorakit.models import resolve_device
+    from lorakit.serve.server import serve_dtype
+
     names = sorted(p.name for p in Path(args.dir).iterdir())
-    base, tokenizer = lk.load_base(args.model)
+    base, tokenizer = lk.load_base(args.model, dtype=serve_dtype(args.dtype, resolve_device(args.device))[0])
     base.to(args.device)
     model = peft.PeftModel.from_pretrained(base, Path(args.dir) / names[0], adapter_name=names[0])
     for name in names[1:]:
@@ -357,6 +365,24 @@ def features(args, folder: Path) -> dict:
             "logprobs_text_identical": same}
 
 
+def decode_roofline(ours: dict, active: int) -> dict:
+    """(b)'s tokens/s against the bytes bound: a decode step of `active` rows on `active` adapters must
+    read the base once and each adapter once; at the measured bandwidth that caps tokens/s at
+    active / (bytes / bandwidth). Prefill and the KV cache are left out: the bound is generous."""
+    import roofline
+
+    limits = roofline.machine()
+    step_bytes = ours["bytes_read"]["base"] + active * ours["bytes_read"]["adapter"]
+    bound = active / roofline.decode_floor_seconds(step_bytes, limits["bandwidth_gbs"])
+    cpu = limits["cpu"]
+    print(f"roofline: {cpu['model']} ({', '.join(cpu['flags'])}), copy bandwidth {limits['bandwidth_gbs']:.1f} GB/s; "
+          f"weights {ours['precision']}: a step reads {step_bytes / 2**20:,.0f} MiB (base "
+          f"{ours['bytes_read']['base'] / 2**20:,.0f} + {active} x {ours['bytes_read']['adapter'] / 2**20:.1f}), "
+          f"so at most {bound:,.0f} tokens/s; lorakit serve reached {ours['tokens_per_s'] / bound:.1%} of it", flush=True)
+    return {"machine": limits, "step_bytes": step_bytes, "bound_tokens_per_s": bound,
+            "fraction": ours["tokens_per_s"] / bound}
+
+
 # -- driver -------------------------------------------------------------------------------------
 WORKERS = {"e2e-lorakit": e2e_lorakit, "e2e-peft": e2e_peft, "latency": latency, "soak": soak}
 
@@ -386,6 +412,8 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides of every part)")
+    p.add_argument("--dtype", default="float32", help="(b): the base's dtype on both sides: float32, bfloat16 or "
+                   "auto (bfloat16 where the CPU computes it in hardware); peft keeps fp32 adapters")
     p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     p.add_argument("--worker", choices=WORKERS)
     p.add_argument("--dir")
@@ -425,6 +453,7 @@ def main() -> None:
                   f"{theirs['seconds']:.2f} |\n| **speed-up** (target >= 5x) | **x{out['b']['speedup']:.2f}** | |\n"
                   f"\nper round: " + ", ".join(f"x{r:.2f}" for r in ratios) +
                   f"; identical completions (text) per round: {same} of {len(ours['texts'])}", flush=True)
+            out["b"]["roofline"] = decode_roofline(ours, args.adapters)
         if "c" in parts:
             src = tmp / "b" / sorted(os.listdir(tmp / "b"))[0]
             make_many(src, tmp / "one", 1)

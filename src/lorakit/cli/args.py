@@ -14,12 +14,14 @@ def _parse_targets(text: str):
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, only: list[str] | None = None,
-                    skip: set | None = None) -> None:
+                    skip: set | None = None, defaults: dict | None = None) -> None:
+    """`defaults`: what the command uses where it differs from the dataclass's (the command applies it)."""
     for f in dataclasses.fields(cls):
         if (only is not None and f.name not in only) or (skip and f.name in skip):
             continue
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
         default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(f.name, default)
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, {}) else "")
         help_text = help_text.replace("%", "%%")          # argparse formats help with %
         if f.type in ("bool", bool):

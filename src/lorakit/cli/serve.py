@@ -13,7 +13,7 @@ from .args import add_config_args, config_from_args
 
 
 def register(p):
-    add_config_args(p, ServeConfig)
+    add_config_args(p, ServeConfig, defaults={"dtype": "auto"})
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-keys", default=None, help="JSON file: API key -> models it may use, or \"*\"")
@@ -28,7 +28,8 @@ def run(args) -> int:
     from ..serve.server import build
 
     keys = read_api_keys(args.api_keys) if args.api_keys else None
-    served = build(config_from_args(ServeConfig, args))
+    served = build(config_from_args(ServeConfig, args, **({} if args.dtype else {"dtype": "auto"})))
+    print(f"lorakit serve: weights {served.precision}", file=sys.stderr, flush=True)
     stopped = threading.Event()
 
     def stop(*_):

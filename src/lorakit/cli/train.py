@@ -21,7 +21,7 @@ from .args import add_config_args, add_method_args, config_values
 
 
 def register(p):
-    add_config_args(p, TrainConfig)
+    add_config_args(p, TrainConfig, defaults={"bf16": "where the device computes bf16 in hardware"})
     add_method_args(p)
 
 

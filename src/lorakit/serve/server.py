@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import doc as _doc
 from ..io.peft_format import CONFIG_NAME
-from ..models import EMBEDDED, load_base, resolve_device
+from ..models import EMBEDDED, fast_bf16, load_base, resolve_device
 from .adapter_cache import AdapterCache, AdapterError, confine
 from .engine import Engine
 from .forward import runner_for
@@ -36,7 +38,9 @@ class ServeConfig:
                                                       "under the folder's name"))
     targets: str = field(default="all-linear", metadata=_doc("layers that get adapter slots (preset, names or "
                                                              "pattern); adapters may target any subset"))
-    dtype: str = field(default="float32", metadata=_doc("base weights: float32, bfloat16 or float16"))
+    dtype: str = field(default="float32", metadata=_doc(
+        "base weights and KV cache: float32, bfloat16 or float16 (adapter slots fp32, bf16 on a GPU under bfloat16), "
+        "or auto: bfloat16 where the device computes it in hardware, else float32"))
     device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
     max_lora_rank: int = field(default=None, metadata=_doc("largest adapter rank (default: the largest under "
                                                            "--adapters, at least 16)"))
@@ -76,6 +80,7 @@ class ServedModel:
     tokenizer: object
     config: ServeConfig
     skipped: dict[str, str] = field(default_factory=dict)   # adapter folders not registered at start-up -> why
+    precision: str = ""                      # the dtype served and why, as said at start-up
 
     def resolve(self, model: str) -> str | None:
         """A request's `model` field -> adapter name (None: the base); whether it exists is the caller's check."""
@@ -111,7 +116,8 @@ def build(config: ServeConfig) -> ServedModel:
     if not root.is_dir():
         raise FileNotFoundError(f"--adapters {root}: not a folder (it should hold one subfolder per adapter)")
     device = resolve_device(config.device)
-    base, tokenizer = load_base(config.model, dtype=config.dtype)
+    dtype, why = serve_dtype(config.dtype, device)
+    base, tokenizer = load_base(config.model, dtype=dtype)
     base.to(device)                          # slots, KV caches and the runner follow the base's device
     if tokenizer is None:
         raise ValueError(f"{config.model}: the model folder has no tokenizer; the HTTP API needs one")
@@ -124,7 +130,7 @@ def build(config: ServeConfig) -> ServedModel:
             _skip(config, skipped, adapter, e)
     r_max = config.max_lora_rank or max(max_rank(folders.values()), 16)
     slots = config.max_active_adapters or config.max_num_seqs
-    handle = attach(base, config.targets, slots=slots, r_max=r_max)
+    handle = attach(base, config.targets, slots=slots, r_max=r_max, dtype=_slot_dtype(base, device))
     cache = AdapterCache(handle, root, max_cpu_adapters=config.max_cpu_adapters, max_active_adapters=slots)
     for adapter, folder in folders.items():
         try:
@@ -141,7 +147,23 @@ def build(config: ServeConfig) -> ServedModel:
                     grammars=_grammars(tokenizer, vocab, config.disable_any_whitespace))
     name = config.served_model_name or Path(str(base.config._name_or_path or config.model)).name
     log.info("serving %s with %d adapters (r_max %d, %d slots)", name, len(cache.names()), r_max, slots)
-    return ServedModel(name, engine, cache, tokenizer, config, skipped)
+    return ServedModel(name, engine, cache, tokenizer, config, skipped, f"{dtype} ({why})")
+
+
+def _slot_dtype(base, device) -> torch.dtype | None:
+    """Adapter slots in bf16 on a bf16 base on a GPU (half the bytes each decode step reads); fp32
+    otherwise (the slots' default): on a CPU the rank-r batched matmuls are too small for bf16
+    kernels to pay, and measured 4-6x slower than fp32 ones (BENCHMARKS.md)."""
+    bf16 = next(base.parameters()).dtype == torch.bfloat16
+    return torch.bfloat16 if bf16 and device.type == "cuda" else None
+
+
+def serve_dtype(name: str, device) -> tuple[str, str]:
+    """--dtype -> (the dtype to load, why): auto is bfloat16 where `device` computes bf16 in hardware."""
+    if name != "auto":
+        return name, "--dtype"
+    fast, why = fast_bf16(device)
+    return ("bfloat16" if fast else "float32"), f"--dtype auto: {why}"
 
 
 def _grammars(tokenizer, vocab: int, disable_any_whitespace: bool) -> Grammars | None:
