@@ -92,5 +92,17 @@ def decode_floor_seconds(bytes_per_step: float, bandwidth: float) -> float:
     return bytes_per_step / (bandwidth * 1e9)
 
 
+def decode_bound(rows: int, params: int, adapter_params: int, weight_bytes: float, adapter_bytes: float,
+                 limits: dict, dtype: str) -> dict:
+    """The two floors of one decode step of `rows` sequences, each on its own adapter: reading the
+    base once and every adapter once (bytes / bandwidth), and its matmul FLOPs (2 per weight per row,
+    base and adapter) at the dtype's measured peak. A few rows per step are bytes-bound; on a
+    2-core CPU 16 rows already cross the machine balance (peak / bandwidth) and are compute-bound."""
+    byte_s = decode_floor_seconds(weight_bytes + rows * adapter_bytes, limits["bandwidth_gbs"])
+    flop_s = 2 * rows * (params + adapter_params) / (limits[f"{dtype}_gflops"] * 1e9)
+    return {"bytes_s": byte_s, "flops_s": flop_s, "floor_s": max(byte_s, flop_s),
+            "binds": "bytes" if byte_s >= flop_s else "compute"}
+
+
 if __name__ == "__main__":
     print(json.dumps(machine(), indent=2))

@@ -113,9 +113,11 @@ def e2e_lorakit(args) -> dict:
                                device=args.device, dtype=args.dtype))
     base = served.engine.runner.model
     slot = next(iter(served.engine.runner.handle.layers.values())).A.dtype
+    adapter_params = sum(layer.A.shape[1] * (layer.d_in + layer.d_out)
+                         for layer in served.engine.runner.handle.layers.values())   # r_max per layer, one slot
     bytes_read = {"base": sum(t.nbytes for t in base.parameters()),        # what one decode step must read
-                  "adapter": (Path(args.dir) / names[0] / "adapter_model.safetensors").stat().st_size
-                  * slot.itemsize // 4}                                     # the fp32 file, in the slots' dtype
+                  "adapter": adapter_params * slot.itemsize, "params": sum(t.numel() for t in base.parameters()),
+                  "adapter_params": adapter_params, "dtype": str(next(base.parameters()).dtype)}
     for name in names:                             # read every adapter before timing (peft loads its up front too)
         served.adapters.prefetch(name).result()
 
@@ -366,21 +368,23 @@ def features(args, folder: Path) -> dict:
 
 
 def decode_roofline(ours: dict, active: int) -> dict:
-    """(b)'s tokens/s against the bytes bound: a decode step of `active` rows on `active` adapters must
-    read the base once and each adapter once; at the measured bandwidth that caps tokens/s at
-    active / (bytes / bandwidth). Prefill and the KV cache are left out: the bound is generous."""
+    """(b)'s tokens/s against the decode step's floor (`roofline.decode_bound`): `active` rows on
+    `active` adapters read the base once and each adapter once, and do 2 FLOPs per weight per row.
+    Prefill, attention and the KV cache are left out: the bound is generous."""
     import roofline
 
-    limits = roofline.machine()
-    step_bytes = ours["bytes_read"]["base"] + active * ours["bytes_read"]["adapter"]
-    bound = active / roofline.decode_floor_seconds(step_bytes, limits["bandwidth_gbs"])
+    limits, b = roofline.machine(), ours["bytes_read"]
+    dtype = "bf16" if b["dtype"] == "torch.bfloat16" else "fp32"
+    floor = roofline.decode_bound(active, b["params"], b["adapter_params"], b["base"], b["adapter"], limits, dtype)
+    bound = active / floor["floor_s"]
     cpu = limits["cpu"]
-    print(f"roofline: {cpu['model']} ({', '.join(cpu['flags'])}), copy bandwidth {limits['bandwidth_gbs']:.1f} GB/s; "
-          f"weights {ours['precision']}: a step reads {step_bytes / 2**20:,.0f} MiB (base "
-          f"{ours['bytes_read']['base'] / 2**20:,.0f} + {active} x {ours['bytes_read']['adapter'] / 2**20:.1f}), "
-          f"so at most {bound:,.0f} tokens/s; lorakit serve reached {ours['tokens_per_s'] / bound:.1%} of it", flush=True)
-    return {"machine": limits, "step_bytes": step_bytes, "bound_tokens_per_s": bound,
-            "fraction": ours["tokens_per_s"] / bound}
+    print(f"roofline: {cpu['model']} ({', '.join(cpu['flags'])}), copy {limits['bandwidth_gbs']:.1f} GB/s, "
+          f"{dtype} {limits[dtype + '_gflops']:.0f} GFLOP/s; weights {ours['precision']}: a {active}-row step reads "
+          f"{(b['base'] + active * b['adapter']) / 2**20:,.0f} MiB ({floor['bytes_s'] * 1e3:.1f} ms) and computes "
+          f"{2 * active * (b['params'] + b['adapter_params']) / 1e9:.1f} GFLOP ({floor['flops_s'] * 1e3:.1f} ms): "
+          f"{floor['binds']}-bound, at most {bound:,.0f} tokens/s; lorakit serve reached "
+          f"{ours['tokens_per_s'] / bound:.1%} of it", flush=True)
+    return {"machine": limits, **floor, "bound_tokens_per_s": bound, "fraction": ours["tokens_per_s"] / bound}
 
 
 # -- driver -------------------------------------------------------------------------------------

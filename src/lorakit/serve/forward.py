@@ -197,16 +197,19 @@ class LlamaRunner(Runner):
         plan = self._plan(chunks, counts, starts)
         try:
             self._set_rows([c.slot for c in chunks], counts)
-            x = self.inner.embed_tokens(tokens)                                        # (N, hidden)
-            cos, sin = self.inner.rotary_emb(x[None], pos[None].to(self.device))       # (1, N, D) each
+            # the residual stream accumulates in fp32 whatever the weights' dtype (bf16 sums of
+            # 30 layers' outputs cost ~2x the logit error); each block reads it in the weights' dtype
+            x = self.inner.embed_tokens(tokens).float()                                # (N, hidden)
+            dt = self.dtype
+            cos, sin = self.inner.rotary_emb(x[None].to(dt), pos[None].to(self.device))  # (1, N, D) each
             cos, sin = cos[0, :, None], sin[0, :, None]                                # (N, 1, D)
             for li, layer in enumerate(self.inner.layers):
-                x = x + self._attention(li, layer.self_attn, layer.input_layernorm(x), cos, sin, plan)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                x = x + self._attention(li, layer.self_attn, layer.input_layernorm(x).to(dt), cos, sin, plan)
+                x = x + layer.mlp(layer.post_attention_layernorm(x).to(dt))
             kept = [k if c.every else 1 for c, k in zip(chunks, counts)]              # rows the head sees
             rows = torch.cat([torch.arange(b - m, b) for b, m in zip(ends.tolist(), kept)])
             self._set_rows([c.slot for c in chunks], kept)
-            logits = self.head(self.inner.norm(x[rows.to(self.device)])).float()     # (sum(kept), vocab)
+            logits = self.head(self.inner.norm(x[rows.to(self.device)]).to(dt)).float()   # (sum(kept), vocab)
         finally:
             if self.handle is not None:
                 self.handle.set_rows(None)
