@@ -1,7 +1,8 @@
 """optimizer.step() on CPU: torch.optim.AdamW, lorakit AdamW8bit and bitsandbytes AdamW8bit.
 
 Each optimizer steps the same parameter set with a fixed random gradient: one untimed step creates
-the state, then the mean of --steps timed steps, best of --repeats. State bytes count every tensor
+the state, then the mean of --steps timed steps per repeat, the libraries alternating repeat by repeat, the median
+of --repeats. State bytes count every tensor
 in optimizer.state once (`lorakit.optim.state_bytes`). Threads: torch's default (all cores).
 
 Parameter sets:
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -46,24 +48,20 @@ def optimizers() -> dict:
     return makers
 
 
-def time_steps(make, shapes, steps: int, repeats: int) -> tuple[float, int]:
-    """(best mean seconds per step, state bytes) for a fresh optimizer over fresh parameters."""
+def prepare(make, shapes):
+    """A fresh optimizer over fresh parameters (the same for every library), its state created."""
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g) * 1e-3
     opt = make(params)
-    opt.step()                                         # creates the state
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            opt.step()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best, state_bytes(opt)
+    opt.step()                                         # creates the state (and compiles what compiles)
+    return opt
 
 
-def run(sizes=tuple(PARAM_SETS), steps: int = 3, repeats: int = 3) -> dict:
+def run(sizes=tuple(PARAM_SETS), steps: int = 3, repeats: int = 5) -> dict:
+    """Per set, the libraries alternate repeat by repeat (this VM's speed drifts); each repeat is the
+    mean of `steps` steps, and the median repeat is reported."""
     makers = optimizers()
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "repeats": repeats,
            "sets": {}}
@@ -73,12 +71,22 @@ def run(sizes=tuple(PARAM_SETS), steps: int = 3, repeats: int = 3) -> dict:
     for name in sizes:
         shapes = PARAM_SETS[name]
         row = {"tensors": len(shapes), "params": sum(a * b for a, b in shapes)}
-        for lib, make in makers.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                seconds, nbytes = time_steps(make, shapes, steps, repeats)
-            row[lib] = {"step_ms": round(seconds * 1e3, 2), "state_bytes": nbytes,
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opts = {lib: prepare(make, shapes) for lib, make in makers.items()}
+            times = {lib: [] for lib in opts}
+            for _ in range(repeats):
+                for lib, opt in opts.items():
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        opt.step()
+                    times[lib].append((time.perf_counter() - start) / steps)
+        for lib, opt in opts.items():
+            nbytes = state_bytes(opt)
+            row[lib] = {"step_ms": round(statistics.median(times[lib]) * 1e3, 2), "state_bytes": nbytes,
+                        "repeats_ms": [round(t * 1e3, 1) for t in times[lib]],
                         "bytes_per_param": round(nbytes / row["params"], 4)}
+        del opts
         out["sets"][name] = row
     return out
 
@@ -103,7 +111,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=list(PARAM_SETS), default=list(PARAM_SETS))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many repeats")
+    parser.add_argument("--repeats", type=int, default=5, help="median of this many alternating repeats")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     result = run(args.sizes, args.steps, args.repeats)

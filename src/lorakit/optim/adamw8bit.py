@@ -14,7 +14,9 @@ with fewer than `min_8bit_size` elements (biases, norms) keep fp32 moments, as b
 their constants would cost more than they save and they are the most sensitive to noise. fp32
 temporaries are bounded by CHUNK elements whatever the parameter size.
 
-What it does not do: the paper's stable embedding layer, percentile clipping, or fused kernels.
+On CPU, with numba installed, dequantize and quantize run as one-pass kernels (`quant/fused.py`)
+that give the torch path's codes bit for bit; the update between them stays torch's own ops.
+What it does not do: the paper's stable embedding layer, percentile clipping, or a fused update.
 Paged optimizers (bitsandbytes' PagedAdamW, which put the state in CUDA unified memory so the
 driver can evict it to host RAM under GPU memory pressure) have no meaning on CPU, where the state
 already lives in host RAM; none is offered here.
@@ -26,7 +28,8 @@ from itertools import chain
 
 import torch
 
-from ..quant.blockwise import BlockState, dequantize_blockwise, dynamic_map, quantize_blockwise
+from ..quant import fused
+from ..quant.blockwise import BlockState, _bucket_table, dequantize_blockwise, dynamic_map, quantize_blockwise
 
 BLOCKSIZES = (256, 2048, 4096)   # 256: bitsandbytes' fixed block size, for like-for-like comparisons
 CHUNK = 1 << 20          # elements updated at once: fp32 temporaries of 4 MB each (also the fastest on CPU)
@@ -36,6 +39,24 @@ CHUNK = 1 << 20          # elements updated at once: fp32 temporaries of 4 MB ea
 def codebooks(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The signed dynamic map (for m) and the unsigned one (for v >= 0, code 0 is 0.0), on `device`."""
     return dynamic_map(signed=True).to(device), dynamic_map(signed=False).to(device)
+
+
+@lru_cache(maxsize=None)
+def fused_tables() -> tuple | None:
+    """For `quant.fused` on CPU: its two compiled kernels, then (signed code, its bucket table, its
+    bounds + inf, the same three for unsigned) as numpy arrays, the ones `blockwise.nearest` builds;
+    None (numba missing): the torch path."""
+    compiled = fused.kernels()
+    if compiled is None:
+        return None
+    out = list(compiled)
+    for code in codebooks(torch.device("cpu")):
+        bounds = (code[:-1] + code[1:]) / 2
+        table = _bucket_table(bounds.numpy().tobytes())
+        if table is None:
+            return None
+        out += [code.numpy(), table.numpy(), torch.cat([bounds, bounds.new_full((1,), float("inf"))]).numpy()]
+    return tuple(out)
 
 
 def adamw_fp32(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step: float, lr: float,
@@ -61,27 +82,49 @@ def adamw8bit_update(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor,
     if m_absmax.numel() != -(-n // blocksize) or v_absmax.numel() != m_absmax.numel():
         raise ValueError(f"8-bit state for a parameter of {n} elements has {m_absmax.numel()} and "
                          f"{v_absmax.numel()} absmax values; blocksize {blocksize} needs {-(-n // blocksize)}")
-    signed, unsigned = codebooks(p.device)
     flat_p, flat_g = p.view(-1), grad.reshape(-1)
     flat_m, flat_v = m_codes.view(-1), v_codes.view(-1)
     step = max(1, chunk // blocksize) * blocksize
+    tables = fused_tables() if p.device.type == "cpu" else None
     for start in range(0, n, step):
         end, b0, b1 = min(start + step, n), start // blocksize, -(-min(start + step, n) // blocksize)
-        m = dequantize_blockwise(flat_m[start:end], BlockState(m_absmax[b0:b1], signed, blocksize, torch.float32))
-        v = dequantize_blockwise(flat_v[start:end], BlockState(v_absmax[b0:b1], unsigned, blocksize, torch.float32))
         part = flat_p[start:end]
         work = part if part.dtype == torch.float32 else part.float()
-        adamw_fp32(work, flat_g[start:end].float(), m, v, **hyper)
+        if tables is not None:
+            _fused_chunk(work, flat_g[start:end].float(), flat_m[start:end], m_absmax[b0:b1], flat_v[start:end],
+                         v_absmax[b0:b1], blocksize, tables, hyper)
+        else:
+            _torch_chunk(work, flat_g[start:end].float(), flat_m[start:end], m_absmax[b0:b1], flat_v[start:end],
+                         v_absmax[b0:b1], blocksize, hyper)
         if work is not part:
             part.copy_(work)
-        flat_m[start:end], state = quantize_blockwise(m, blocksize, signed)
-        m_absmax[b0:b1] = state.absmax
-        codes, state = quantize_blockwise(v, blocksize, unsigned)
-        # A positive v never rounds to code 0 (the value 0) but to code 1 (3.3e-7 x absmax): m is
-        # quantized on its own scale and can stay nonzero, and m / (sqrt(0) + eps) is a step of
-        # lr * m / eps, thousands of times too large. Rounding v up only shortens the step.
-        flat_v[start:end] = codes.masked_fill_((codes == 0) & (v > 0), 1)
-        v_absmax[b0:b1] = state.absmax
+
+
+def _fused_chunk(p, g, m_codes, m_absmax, v_codes, v_absmax, blocksize: int, tables: tuple, hyper: dict) -> None:
+    """One chunk of `adamw8bit_update` with the moments read and written by `quant.fused`'s kernels."""
+    dequantize, quantize, signed, s_table, s_ext, unsigned, u_table, u_ext = tables
+    m, v = torch.empty_like(p), torch.empty_like(p)
+    dequantize(m_codes.numpy(), m_absmax.numpy(), signed, blocksize, m.numpy())
+    dequantize(v_codes.numpy(), v_absmax.numpy(), unsigned, blocksize, v.numpy())
+    adamw_fp32(p, g, m, v, **hyper)
+    quantize(m.numpy(), blocksize, s_table, s_ext, False, m_codes.numpy(), m_absmax.numpy())
+    quantize(v.numpy(), blocksize, u_table, u_ext, True, v_codes.numpy(), v_absmax.numpy())
+
+
+def _torch_chunk(p, g, flat_m, m_absmax, flat_v, v_absmax, blocksize: int, hyper: dict) -> None:
+    """One chunk of `adamw8bit_update` in torch ops (any device)."""
+    signed, unsigned = codebooks(p.device)
+    m = dequantize_blockwise(flat_m, BlockState(m_absmax, signed, blocksize, torch.float32))
+    v = dequantize_blockwise(flat_v, BlockState(v_absmax, unsigned, blocksize, torch.float32))
+    adamw_fp32(p, g, m, v, **hyper)
+    flat_m[:], state = quantize_blockwise(m, blocksize, signed)
+    m_absmax[:] = state.absmax
+    codes, state = quantize_blockwise(v, blocksize, unsigned)
+    # A positive v never rounds to code 0 (the value 0) but to code 1 (3.3e-7 x absmax): m is
+    # quantized on its own scale and can stay nonzero, and m / (sqrt(0) + eps) is a step of
+    # lr * m / eps, thousands of times too large. Rounding v up only shortens the step.
+    flat_v[:] = codes.masked_fill_((codes == 0) & (v > 0), 1)
+    v_absmax[:] = state.absmax
 
 
 class AdamW8bit(torch.optim.Optimizer):
