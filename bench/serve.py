@@ -11,6 +11,8 @@
 (e) features: (b)'s lorakit side three ways, alternating rounds: plain, every request with
     `logprobs: 5`, and half the requests constrained to a JSON schema (response_format); tokens/s of
     each against plain (targets >= 0.8x and >= 0.7x), and whether every constrained answer validates.
+(v) against vLLM's CPU build in its own venv, both tuned (bench/serve_vllm.py; skipped, saying how to
+    make the venv, where there is none);
 (d) soak: `--soak-minutes` (default 3) of mixed traffic from 16 clients, each request on a random
     adapter: good ones (chat and completions, greedy and sampled, streaming and not) and bad ones
     (max_tokens 0, unknown or unimplemented fields, bad JSON, a body over the cap, a broken adapter,
@@ -23,6 +25,7 @@ deterministic random weights (the 1,000 of (c) are hard links to one file, so di
     .venv/bin/python bench/serve.py --parts b,c     # skip (a)
     .venv/bin/python bench/serve.py --parts d       # the soak alone (about 4 minutes)
     .venv/bin/python bench/serve.py --parts e       # logprobs and structured output against plain
+    .venv/bin/python bench/serve.py --parts v --make-vllm-venv   # lorakit vs vLLM (creates its venv once)
 """
 from __future__ import annotations
 
@@ -387,6 +390,13 @@ def decode_roofline(ours: dict, active: int) -> dict:
     return {"machine": limits, **floor, "bound_tokens_per_s": bound, "fraction": ours["tokens_per_s"] / bound}
 
 
+def vllm_prompts(model_dir: Path, names: list[str]) -> list[list[int]]:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return [chat_ids(tokenizer, q) for q in QUESTIONS[:len(names)]]
+
+
 # -- driver -------------------------------------------------------------------------------------
 WORKERS = {"e2e-lorakit": e2e_lorakit, "e2e-peft": e2e_peft, "latency": latency, "soak": soak}
 
@@ -418,6 +428,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides of every part)")
     p.add_argument("--dtype", default="float32", help="(b): the base's dtype on both sides: float32, bfloat16 or "
                    "auto (bfloat16 where the CPU computes it in hardware); peft keeps fp32 adapters")
+    p.add_argument("--vllm-venv", default=str(HERE.parent / ".cache" / "vllm-venv"), help="(v): vLLM's own venv")
+    p.add_argument("--make-vllm-venv", action="store_true", help="(v): create that venv if it is missing")
     p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     p.add_argument("--worker", choices=WORKERS)
     p.add_argument("--dir")
@@ -483,6 +495,9 @@ def main() -> None:
             print("\nper round (p50, p95 ratio): " + ", ".join(f"x{a:.2f} / x{b:.2f}" for a, b in out["c"]["round_ratios"]))
         if "e" in parts:
             out["e"] = features(args, tmp / "b")
+        if "v" in parts:
+            import serve_vllm
+            out["v"] = serve_vllm.run(args, tmp / "b", vllm_prompts)
         if "d" in parts:
             out["d"] = d = spawn("soak", dir=tmp / "b")
             print(f"\n(d) soak: {d['minutes']:g} min, 16 clients, mixed good and bad requests on random adapters\n\n"
