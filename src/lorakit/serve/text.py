@@ -29,10 +29,7 @@ class TextStream:
         return self._take(max(self.sent, min(settled, len(text) - self.hold))), False
 
     def flush(self) -> str:
-        """Whatever is left to send when the request ends without a stop string, less a character
-        its last token left unfinished (the bytes of half an emoji read as U+FFFD): vLLM's
-        detokenizer never emits those bytes either, so the two servers' texts are the same."""
-        self.text = self.text[:max(self.sent, len(self.text.rstrip("\ufffd")))]
+        """Whatever is left to send when the request ends without a stop string (a half character too)."""
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
