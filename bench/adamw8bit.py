@@ -91,6 +91,29 @@ def run(sizes=tuple(PARAM_SETS), steps: int = 3, repeats: int = 5) -> dict:
     return out
 
 
+# Bytes a step must move per parameter (read + write), whatever the implementation: the parameter
+# (4 + 4), its gradient (4), and the two moments (fp32: 4 + 4 each; 8-bit: 1 + 1 each, absmax aside).
+STEP_BYTES = {"torch": 28, "lorakit": 16, "bitsandbytes": 16}
+
+
+def roofline_line(result: dict) -> str:
+    """Each optimizer's step as a fraction of its bandwidth floor (bytes it must move / measured bandwidth)."""
+    import roofline
+
+    limits = roofline.machine()
+    result["machine"] = limits
+    cpu, parts = limits["cpu"], []
+    for name, row in result["sets"].items():
+        for lib, bytes_per_param in STEP_BYTES.items():
+            if lib in row:
+                floor = roofline.decode_floor_seconds(bytes_per_param * row["params"], limits["bandwidth_gbs"])
+                row[lib]["fraction_of_floor"] = floor / (row[lib]["step_ms"] / 1e3)
+        parts.append(f"{name}: " + ", ".join(f"{lib} {row[lib]['fraction_of_floor']:.0%}" for lib in STEP_BYTES
+                                            if lib in row))
+    return (f"{cpu['model']} ({', '.join(cpu['flags'])}), copy {limits['bandwidth_gbs']:.1f} GB/s; each step as a "
+            "fraction of its bandwidth floor (28 B/param fp32, 16 B/param 8-bit, read + written): " + "; ".join(parts))
+
+
 def table(result: dict) -> str:
     libs = [lib for lib in ("torch", "lorakit", "bitsandbytes") if lib in next(iter(result["sets"].values()))]
     head = (["set", "params"] + [f"{lib} step ms" for lib in libs] + ["lorakit / torch"]
@@ -115,11 +138,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     result = run(args.sizes, args.steps, args.repeats)
+    line = roofline_line(result)                     # measured after the timings, so it does not disturb them
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"torch {result['torch']}, bitsandbytes {result.get('bitsandbytes', 'not installed')}, "
           f"{result['threads']} threads")
     print(table(result))
+    print(line)
     return result
 
 
