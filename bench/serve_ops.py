@@ -102,7 +102,11 @@ def worker(run: str, args) -> dict:
     setup_s = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(0)
-    out = {"run": run, "model": source, "setup_s": setup_s, "threads": torch.get_num_threads(), "device": str(device)}
+    out = {"run": run, "model": source, "setup_s": setup_s, "threads": torch.get_num_threads(), "device": str(device),
+           "params": sum(t.numel() for t in model.parameters() if not t.requires_grad or run != "peft"),
+           "head_params": model.config.vocab_size * model.config.hidden_size,
+           "adapter_params": sum(args.r * (d_in + d_out) for d_in, d_out in shapes),
+           "layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size}
     logits = {}
     for shape, tokens in SHAPES.items():
         ids = torch.randint(0, model.config.vocab_size, (n, tokens), generator=g).to(device)
@@ -141,6 +145,8 @@ def main() -> None:
 
     import torch
 
+    import roofline   # bench/roofline.py: the machine measured first, while nothing else runs
+    limits = roofline.machine() if args.device == "cpu" else None
     results, logits = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in RUNS:
@@ -179,9 +185,34 @@ def main() -> None:
     print(f"\nmax |logits diff|: lorakit vs peft (all rows) {check['decode']['lorakit_vs_peft_all_rows']:.1e} decode, "
           f"{check['prefill']['lorakit_vs_peft_all_rows']:.1e} prefill; lorakit vs merged (row 0) "
           f"{check['decode']['lorakit_vs_merged_row0']:.1e} / {check['prefill']['lorakit_vs_merged_row0']:.1e}")
+    limits = roofline_lines(results, limits, args) if limits else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "ratios": ratios, "check": check},
-                                         indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "ratios": ratios, "check": check,
+                                          "machine": limits}, indent=2) + "\n")
+
+
+def roofline_lines(results: dict, limits: dict, args) -> dict:
+    """Decode against its floor (`roofline.decode_bound`: the base and every row's adapter read once,
+    or their FLOPs at the fp32 peak), prefill as MFU (PaLM's 2N + 4LHT forward FLOPs per token, the
+    output head counted for the last position only, as the prefill computes it)."""
+    import roofline
+
+    r = results["merged"]
+    n, rows, tokens = r["params"], args.adapters, SHAPES["prefill"]
+    floors = {"merged": roofline.decode_bound(rows, n, 0, 4 * n, 0, limits, "fp32"),
+              "lorakit": roofline.decode_bound(rows, n, r["adapter_params"], 4 * n, 4 * r["adapter_params"], limits,
+                                               "fp32")}
+    floors["peft"] = floors["lorakit"]
+    flops = 2 * (n - r["head_params"]) + 2 * r["head_params"] / tokens + 4 * r["layers"] * r["hidden"] * tokens
+    cpu = limits["cpu"]
+    print(f"\nroofline: {cpu['model']} ({', '.join(cpu['flags'])}), fp32 {limits['fp32_gflops']:.0f} GFLOP/s, copy "
+          f"{limits['bandwidth_gbs']:.1f} GB/s. decode as a fraction of its floor ("
+          f"{floors['lorakit']['floor_s'] * 1e3:.1f} ms with adapters, {floors['lorakit']['binds']}-bound): "
+          + ", ".join(f"{run} {floors[run]['floor_s'] / results[run]['decode']['best_s']:.0%}" for run in RUNS)
+          + "; prefill MFU: " + ", ".join(
+              f"{run} {roofline.mfu(rows * tokens / results[run]['prefill']['best_s'], flops, limits['fp32_gflops']):.2f}"
+              for run in RUNS))
+    return limits
 
 
 if __name__ == "__main__":
