@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from pathlib import Path
+
+from lorakit.runtime import best_seconds
 
 ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
 
@@ -40,23 +41,13 @@ def cpu_info() -> dict:
     return info
 
 
-def _best_seconds(fn, repeat: int) -> float:
-    fn()                                              # warm-up: first-touch pages, kernel selection
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def matmul_gflops(n: int = 2048, dtype: str = "float32", repeat: int = 5) -> float:
     """Dense (n x n) @ (n x n) GFLOP/s: 2 n^3 FLOPs per product, the best of `repeat`."""
     import torch
 
     a = torch.randn(n, n).to(getattr(torch, dtype))
     b = torch.randn(n, n).to(getattr(torch, dtype))
-    return 2 * n ** 3 / _best_seconds(lambda: a @ b, repeat) / 1e9
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, repeat) / 1e9
 
 
 def bandwidth_gbs(mb: int = 512, repeat: int = 5) -> float:
@@ -65,7 +56,7 @@ def bandwidth_gbs(mb: int = 512, repeat: int = 5) -> float:
 
     src = torch.ones(mb * 2**20 // 4)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeat) / 1e9
+    return 2 * src.numel() * 4 / best_seconds(lambda: dst.copy_(src), repeat) / 1e9
 
 
 def machine(n: int = 2048) -> dict:

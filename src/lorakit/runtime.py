@@ -94,3 +94,17 @@ def apply(mode: str | None, argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "lorakit", *argv], env)
+
+
+def best_seconds(fn, repeat: int = 5) -> float:
+    """The fastest of `repeat` timed calls of `fn`, after one untimed warm-up (first-touch pages,
+    kernel selection): what a start-up choice between two kernels, or a roofline, measures."""
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best

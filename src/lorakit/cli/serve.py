@@ -29,7 +29,7 @@ def run(args) -> int:
 
     keys = read_api_keys(args.api_keys) if args.api_keys else None
     served = build(config_from_args(ServeConfig, args, **({} if args.dtype else {"dtype": "auto"})))
-    print(f"lorakit serve: weights {served.precision}", file=sys.stderr, flush=True)
+    print(f"lorakit serve: weights {served.precision}; {served.packing}", file=sys.stderr, flush=True)
     stopped = threading.Event()
 
     def stop(*_):

@@ -23,6 +23,7 @@ from ..io.peft_format import CONFIG_NAME
 from ..models import EMBEDDED, fast_bf16, load_base, resolve_device
 from .adapter_cache import AdapterCache, AdapterError, confine
 from .engine import Engine
+from . import packed
 from .forward import runner_for
 from .slots import attach
 from .structured import Grammars
@@ -42,6 +43,9 @@ class ServeConfig:
         "base weights and KV cache: float32, bfloat16 or float16 (adapter slots fp32, bf16 on a GPU under bfloat16), "
         "or auto: bfloat16 where the device computes it in hardware, else float32"))
     device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
+    pack_weights: str = field(default="auto", metadata=_doc(
+        "on a CPU, prepack the base's linear weights for oneDNN (serve/packed.py): on, off, or auto (pack when "
+        "one of the model's layers measures faster packed at start-up)"))
     max_lora_rank: int = field(default=None, metadata=_doc("largest adapter rank (default: the largest under "
                                                            "--adapters, at least 16)"))
     max_num_seqs: int = field(default=16, metadata=_doc("requests decoded together in one forward step"))
@@ -68,6 +72,8 @@ class ServeConfig:
                     "max_request_bytes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} = {getattr(self, key)} must be >= 1")
+        if self.pack_weights not in ("auto", "on", "off"):
+            raise ValueError(f"pack_weights = {self.pack_weights!r} must be auto, on or off")
         if self.request_timeout <= 0:
             raise ValueError(f"request_timeout = {self.request_timeout} must be > 0")
 
@@ -81,6 +87,7 @@ class ServedModel:
     config: ServeConfig
     skipped: dict[str, str] = field(default_factory=dict)   # adapter folders not registered at start-up -> why
     precision: str = ""                      # the dtype served and why, as said at start-up
+    packing: str = ""                        # whether the linear weights are oneDNN-packed and why
 
     def resolve(self, model: str) -> str | None:
         """A request's `model` field -> adapter name (None: the base); whether it exists is the caller's check."""
@@ -131,6 +138,7 @@ def build(config: ServeConfig) -> ServedModel:
     r_max = config.max_lora_rank or max(max_rank(folders.values()), 16)
     slots = config.max_active_adapters or config.max_num_seqs
     handle = attach(base, config.targets, slots=slots, r_max=r_max, dtype=_slot_dtype(base, device))
+    packing = _pack(base, config, device)
     cache = AdapterCache(handle, root, max_cpu_adapters=config.max_cpu_adapters, max_active_adapters=slots)
     for adapter, folder in folders.items():
         try:
@@ -147,7 +155,24 @@ def build(config: ServeConfig) -> ServedModel:
                     grammars=_grammars(tokenizer, vocab, config.disable_any_whitespace))
     name = config.served_model_name or Path(str(base.config._name_or_path or config.model)).name
     log.info("serving %s with %d adapters (r_max %d, %d slots)", name, len(cache.names()), r_max, slots)
-    return ServedModel(name, engine, cache, tokenizer, config, skipped, f"{dtype} ({why})")
+    return ServedModel(name, engine, cache, tokenizer, config, skipped, f"{dtype} ({why})", packing)
+
+
+def _pack(base, config: ServeConfig, device) -> str:
+    """Prepack the base's linear layers for oneDNN where that pays (after `attach`: the slots wrap
+    the layers, the packing replaces what they wrap). Returns the start-up line's words."""
+    if device.type != "cpu" or config.pack_weights == "off":
+        return "as loaded" + (" (--pack-weights off)" if config.pack_weights == "off" else f" (on {device.type})")
+    if config.pack_weights == "on":
+        pays, why = packed.available(), "--pack-weights on"
+        if not pays:
+            raise ValueError("--pack-weights on: this torch build has no oneDNN")
+    else:
+        pays, why = packed.packing_pays(base, config.max_num_seqs)
+        why = f"--pack-weights auto, measured {why}"
+    if not pays:
+        return f"as loaded ({why})"
+    return f"{packed.pack_linears(base)} linear layers oneDNN-packed ({why})"
 
 
 def _slot_dtype(base, device) -> torch.dtype | None:
