@@ -38,7 +38,12 @@ def test_only_plain_frozen_cpu_linears_are_packed():
     model = lk.tiny_model("llama").requires_grad_(False)
     plain = sum(type(m) is nn.Linear for m in model.modules())
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)    # a trainable layer stays as it is
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    before = model.model.embed_tokens.weight.data_ptr()
     assert packed.pack_linears(model) == plain - 1
+    # what is left is copied, so no tensor keeps the model file's mmap alive; values unchanged
+    assert model.model.embed_tokens.weight.data_ptr() != before
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
     assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
     assert type(model.model.layers[0].mlp.down_proj) is packed.PackedLinear
     assert type(model.model.embed_tokens) is nn.Embedding           # the tied head's embedding stays dense

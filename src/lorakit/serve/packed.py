@@ -96,9 +96,18 @@ def packing_pays(model: nn.Module, rows: int) -> tuple[bool, str]:
     return packed_s < 0.9 * dense_s, f"{shape}: packed {packed_s * 1e6:.0f} us, F.linear {dense_s * 1e6:.0f} us"
 
 
+@torch.no_grad()
 def pack_linears(model: nn.Module) -> int:
-    """Replace every packable nn.Linear under `model` with a PackedLinear; returns how many."""
+    """Replace every packable nn.Linear under `model` with a PackedLinear; returns how many.
+
+    A model read from safetensors holds its weights as pages of the file's mmap, which stays mapped
+    (and every page read stays resident) while any tensor of the file lives: packing reads them all.
+    So the parameters left (embeddings, norms, biases) are copied once and the mapping goes away
+    (measured on the embedded model: 1.85 -> 1.41 GB resident after packing)."""
     names = [name for name, m in model.named_modules() if name and packable(m)]
     for name in names:
         model.set_submodule(name, PackedLinear(model.get_submodule(name)))
+    if names:
+        for p in model.parameters():
+            p.data = p.data.clone()
     return len(names)
