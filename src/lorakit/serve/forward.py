@@ -8,10 +8,11 @@ for prompt log-probabilities) also gets the logits of each of its positions in `
 
 - `LlamaRunner` (llama, qwen2, mistral): all chunks' tokens are one (N, hidden) set of rows, so
   every projection and MLP is one (adapter-batched) matmul per layer for the whole mixed batch;
-  only attention is one SDPA per chunk, over the sequence's own cache (no copies). Padding the
-  decodes into one batched SDPA was measured on SmolLM2-135M, 16 decodes, 2 cores: no faster at
-  context 100 (attention ~20% of a ~100 ms step) and 1.4x slower at context 1000 (the padded copy
-  of every key), so it is not done. It calls the model's own modules (embedding, norms,
+  attention is per sequence, over the sequence's own cache (no copies): on the CPU every decoding
+  sequence of a step in one `decode_attention` kernel call per layer (numba; 6 ms against 33 ms for
+  16 decodes x 30 layers), prompt chunks one SDPA each. Padding the decodes into one batched SDPA
+  was measured on SmolLM2-135M, 16 decodes, 2 cores: no faster at context 100 and 1.4x slower at
+  context 1000 (the padded copy of every key). It calls the model's own modules (embedding, norms,
   projections, MLP, rotary embedding, head) and reads no weights itself. Sliding windows are
   honoured by masking; the cache still keeps every token.
 - `HFRunner` (every other causal LM): each chunk through the transformers model with its own
@@ -27,10 +28,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import families
+from . import decode_attention
 
 LLAMA_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 STATIC_ROPE = ("default", "linear", "yarn", "llama3")   # inv_freq does not depend on the sequence length
@@ -178,6 +181,8 @@ class LlamaRunner(Runner):
         # a sliding window per layer: qwen2's attention has it per layer type, mistral's config for all
         every = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self.windows = [getattr(layer.self_attn, "sliding_window", every) for layer in inner.layers]
+        # decodes through one kernel call per layer where it runs (fp32 or bf16 on the CPU), else SDPA per chunk
+        self.fast_decode = decode_attention.usable(self.dtype, self.device) and self.n_heads % self.n_kv == 0
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.inner.layers), self.n_kv, self.head_dim, self.dtype, self.device, self.max_length)
@@ -224,13 +229,18 @@ class LlamaRunner(Runner):
         return logits[last - 1]
 
     def _plan(self, chunks, counts, starts) -> dict:
-        """Per window: each chunk's (cache, rows a:b, positions p:end, first key s, mask, causal)."""
+        """Per window: (prompt chunks [(cache, rows a:b, positions p:end, first key s, mask, causal)],
+        the decodes' arrays for `decode_attention` or None). Without the kernel every chunk is a prompt."""
         ends = torch.tensor(counts).cumsum(0).tolist()
         plan = {}
         for w in set(self.windows):
-            plan[w] = per = []
+            per, dec = [], []
             for c, k, p, b in zip(chunks, counts, starts, ends):
                 s = 0 if w is None else max(0, p - w + 1)     # the first key any query of the chunk sees
+                if k == 1 and self.fast_decode:
+                    decode_attention.check(c.cache.kv, p, len(self.windows))
+                    dec.append((b - 1, c.cache.kv.data_ptr(), c.cache.kv.shape[3], p, s))
+                    continue
                 mask = None
                 if k > 1 and (p > 0 or (w is not None and k > w)):
                     q = torch.arange(p, p + k)[:, None]
@@ -239,23 +249,28 @@ class LlamaRunner(Runner):
                     mask = mask.to(self.device)
                 # one query sees every key from s on; a fresh prompt within the window is SDPA's square causal
                 per.append((c.cache, b - k, b, p, p + k, s, mask, k > 1 and mask is None))
+            plan[w] = (per, tuple(np.ascontiguousarray(np.array(dec, np.int64).T)) if dec else None)
         return plan
 
     def _attention(self, li, attn, h, cos, sin, plan) -> torch.Tensor:
         n, d = h.shape[0], self.head_dim
-        q = rotate(attn.q_proj(h).view(n, self.n_heads, d), cos, sin).transpose(0, 1)  # (H, N, D)
-        k = rotate(attn.k_proj(h).view(n, self.n_kv, d), cos, sin)                     # (N, KV, D)
-        kv = torch.stack((k, attn.v_proj(h).view(n, self.n_kv, d))).transpose(1, 2)    # (2, KV, N, D)
-        outs = []
-        # one SDPA per chunk: measured faster than padding the decodes into one batch (module notes)
-        for cache, a, b, p, end, s, mask, causal in plan[self.windows[li]]:
+        q = rotate(attn.q_proj(h).view(n, self.n_heads, d), cos, sin)                 # (N, H, D)
+        k = rotate(attn.k_proj(h).view(n, self.n_kv, d), cos, sin)                    # (N, KV, D)
+        v = attn.v_proj(h).view(n, self.n_kv, d)
+        prompts, decodes = plan[self.windows[li]]
+        out = q.new_empty(n, self.n_heads, d, dtype=q.dtype if decodes is None else torch.float32)   # (N, H, D)
+        if decodes is not None:          # every decode's append + attention: one kernel call (module notes)
+            decode_attention.kernel()(q.float().numpy(), decode_attention.raw(k), decode_attention.raw(v.contiguous()),
+                                      *decodes, li, np.float32(self.scaling), out.numpy())
+        if prompts:
+            qt, kv = q.transpose(0, 1), torch.stack((k, v)).transpose(1, 2)            # (H, N, D), (2, KV, N, D)
+        for cache, a, b, p, end, s, mask, causal in prompts:     # one SDPA per prompt chunk
             layer = cache.kv[li]                                                       # (2, KV, capacity, D)
             layer[:, :, p:end] = kv[:, :, a:b]
-            outs.append(F.scaled_dot_product_attention(
-                q[None, :, a:b], layer[None, 0, :, s:end], layer[None, 1, :, s:end], attn_mask=mask,
-                is_causal=causal, scale=self.scaling, enable_gqa=True)[0])             # (H, n, D)
-        out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]                         # (H, N, D)
-        return attn.o_proj(out.transpose(0, 1).reshape(n, -1))                         # (N, hidden)
+            out[a:b] = F.scaled_dot_product_attention(
+                qt[None, :, a:b], layer[None, 0, :, s:end], layer[None, 1, :, s:end], attn_mask=mask,
+                is_causal=causal, scale=self.scaling, enable_gqa=True)[0].transpose(0, 1)   # (n, H, D)
+        return attn.o_proj(out.view(n, -1).to(self.dtype))                             # (N, hidden)
 
 
 # -- every other causal LM ----------------------------------------------------------------------------
