@@ -23,7 +23,7 @@ from ..io.peft_format import CONFIG_NAME
 from ..models import EMBEDDED, fast_bf16, load_base, resolve_device
 from .adapter_cache import AdapterCache, AdapterError, confine
 from .engine import Engine
-from . import packed
+from . import lora_rows, packed
 from .forward import runner_for
 from .slots import attach
 from .structured import Grammars
@@ -40,7 +40,7 @@ class ServeConfig:
     targets: str = field(default="all-linear", metadata=_doc("layers that get adapter slots (preset, names or "
                                                              "pattern); adapters may target any subset"))
     dtype: str = field(default="float32", metadata=_doc(
-        "base weights and KV cache: float32, bfloat16 or float16 (adapter slots fp32, bf16 on a GPU under bfloat16), "
+        "base weights and KV cache: float32, bfloat16 or float16 (adapter slots fp32; bf16 under bfloat16 on a GPU, or on a CPU with numba), "
         "or auto: bfloat16 where the device computes it in hardware, else float32"))
     device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
     pack_weights: str = field(default="auto", metadata=_doc(
@@ -176,11 +176,12 @@ def _pack(base, config: ServeConfig, device) -> str:
 
 
 def _slot_dtype(base, device) -> torch.dtype | None:
-    """Adapter slots in bf16 on a bf16 base on a GPU (half the bytes each decode step reads); fp32
-    otherwise (the slots' default): on a CPU the rank-r batched matmuls are too small for bf16
-    kernels to pay, and measured 4-6x slower than fp32 ones (BENCHMARKS.md)."""
+    """Adapter slots in the base's dtype on a bf16 base (half the bytes each decode step reads) on a GPU,
+    and on a CPU where the row kernel reads them (serve/lora_rows.py: bf16 widened to fp32 in
+    registers; torch's own rank-r bf16 bmm's measured 4-6x slower than fp32 ones without AMX);
+    fp32 otherwise (the slots' default)."""
     bf16 = next(base.parameters()).dtype == torch.bfloat16
-    return torch.bfloat16 if bf16 and device.type == "cuda" else None
+    return torch.bfloat16 if bf16 and (device.type == "cuda" or lora_rows.kernel() is not None) else None
 
 
 def serve_dtype(name: str, device) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from .. import linear
 from ..linear import replace_module
 from ..methods.base import AdapterLayer, adapter_dtype
 from ..targets import linear_names, resolve
+from . import lora_rows
 from .lora_ops import SlotWeights, lora_grouped, lora_reference, plan_rows
 from .weights import AdapterWeights, LayerWeights, check_served, read_adapter
 
@@ -75,6 +76,7 @@ class BatchedLoraLinear(nn.Module):
         self.register_buffer("g", torch.ones(n_slots, self.d_out, **kw), persistent=False)
         self.register_buffer("dora", torch.zeros(n_slots, dtype=torch.bool, device=device), persistent=False)
         self.ranks = [0] * n_slots
+        self._ranks = torch.zeros(n_slots, dtype=torch.long)        # the same, for the row kernel
         self._dora_slots: frozenset = frozenset()
 
     @property
@@ -91,9 +93,21 @@ class BatchedLoraLinear(nn.Module):
         bias = getattr(self.base_layer, "bias", None)
         if self.router.reference:
             out = lora_reference(y2, x2, idx, self.slots, bias)
+        elif lora_rows.usable(self.A.dtype, x2):      # a decode step on a CPU: one kernel call, row by row
+            out = self._dora_rows(lora_rows.apply(y2, x2, idx, self.A, self.Bt, self.scale, self._ranks), idx, bias)
         else:
             out = lora_grouped(y2, x2, plan, self.slots, bias, inplace=True)   # y is ours to change
         return out.view(y.shape)
+
+    def _dora_rows(self, out: torch.Tensor, idx: torch.Tensor, bias) -> torch.Tensor:
+        """DoRA rows of y + d become g * (y + d - b) + b (lora_ops' semantics), after the row kernel."""
+        if not self._dora_slots:
+            return out
+        rows = ((idx >= 0) & self.dora[idx.clamp(min=0)]).nonzero().squeeze(1)
+        if rows.numel():
+            b = 0 if bias is None else bias.float()
+            out[rows] = (self.g[idx[rows]].float() * (out[rows].float() - b) + b).to(out.dtype)
+        return out
 
     def check(self, w: LayerWeights) -> None:
         r = w.A.shape[0]
@@ -121,6 +135,7 @@ class BatchedLoraLinear(nn.Module):
         self.scale[k] = 0 if w is None else w.scale
         self.dora[k] = w is not None and w.g is not None
         self.ranks[k] = r
+        self._ranks[k] = r
         self._dora_slots = frozenset(i for i, d in enumerate(self.dora.tolist()) if d)
 
     def slot_bytes(self) -> int:
