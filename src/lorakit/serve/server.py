@@ -40,7 +40,8 @@ class ServeConfig:
     targets: str = field(default="all-linear", metadata=_doc("layers that get adapter slots (preset, names or "
                                                              "pattern); adapters may target any subset"))
     dtype: str = field(default="float32", metadata=_doc(
-        "base weights and KV cache: float32, bfloat16 or float16 (adapter slots fp32; bf16 under bfloat16 on a GPU, or on a CPU with numba), "
+        "base weights and KV cache: float32, bfloat16 or float16 (adapter slots fp32; bf16 under bfloat16 on a "
+        "GPU, or on a CPU with numba), "
         "or auto: bfloat16 where the device computes it in hardware, else float32"))
     device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N, or auto (cuda when available)"))
     pack_weights: str = field(default="auto", metadata=_doc(
