@@ -72,6 +72,13 @@ class Runner:
     def new_cache(self) -> SeqCache:
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """One prompt and one decode on a throwaway cache (slot 0 when there are slots, empty or not), so
+        the CPU kernels compile at start-up, not in the first request (numba: ~3 s once per install)."""
+        cache, slot = self.new_cache(), (0 if self.handle is not None else -1)
+        self.forward([Chunk(cache, torch.zeros(2, dtype=torch.long), slot)])
+        self.forward([Chunk(cache, torch.zeros(1, dtype=torch.long), slot)])
+
     def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """fp32 logits (len(chunks), vocab) of each chunk's last token; the caches grow by its tokens.
         All or nothing: a forward that raises leaves every cache as it was, so the engine can retry

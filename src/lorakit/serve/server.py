@@ -150,7 +150,9 @@ def build(config: ServeConfig) -> ServedModel:
     for eos in (tokenizer.eos_token_id, getattr(getattr(base, "generation_config", None), "eos_token_id", None)):
         eos_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
     vocab = base.get_input_embeddings().num_embeddings
-    engine = Engine(runner_for(base, handle), cache, eos_ids, max_num_seqs=config.max_num_seqs,
+    runner = runner_for(base, handle)
+    runner.warm_up()
+    engine = Engine(runner, cache, eos_ids, max_num_seqs=config.max_num_seqs,
                     max_batch_tokens=config.max_batch_tokens, max_queue=config.max_queue,
                     max_model_len=config.max_model_len, vocab_size=vocab,
                     grammars=_grammars(tokenizer, vocab, config.disable_any_whitespace))
