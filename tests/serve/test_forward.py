@@ -188,3 +188,14 @@ def test_embedded_prefill_and_decodes_equal_transformers():
         got.append(logits[0])
     expected = full_logits(model, ids)[-4:]
     torch.testing.assert_close(torch.stack(got), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_the_fused_rms_norm_equals_the_models_own_norm_modules(family):
+    model, seqs = build(family), sequences(3)
+    fused, modules = runner_for(model, None), runner_for(model, None)
+    assert fused.fused_norm
+    modules.fused_norm = False
+    for (i, pos, a), (j, pos2, b) in zip(run(fused, seqs), run(modules, seqs)):
+        assert (i, pos) == (j, pos2)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

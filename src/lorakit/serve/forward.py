@@ -13,8 +13,9 @@ for prompt log-probabilities) also gets the logits of each of its positions in `
   16 decodes x 30 layers), prompt chunks one SDPA each. Padding the decodes into one batched SDPA
   was measured on SmolLM2-135M, 16 decodes, 2 cores: no faster at context 100 and 1.4x slower at
   context 1000 (the padded copy of every key). It calls the model's own modules (embedding, norms,
-  projections, MLP, rotary embedding, head) and reads no weights itself. Sliding windows are
-  honoured by masking; the cache still keeps every token.
+  projections, MLP, rotary embedding, head) and reads no weights itself, except the RMSNorm
+  scale where the norm is one of RMS_NORMS (their forward, as torch's fused `rms_norm`). Sliding
+  windows are honoured by masking; the cache still keeps every token.
 - `HFRunner` (every other causal LM): each chunk through the transformers model with its own
   `DynamicCache`, one sequence at a time; correct, not fast.
 What this does not do: sampling, scheduling, admission or paging (the engine does); a cache lives
@@ -36,6 +37,7 @@ from .. import families
 from . import decode_attention
 
 LLAMA_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")      # weight * x.float() / rms, same forward
 STATIC_ROPE = ("default", "linear", "yarn", "llama3")   # inv_freq does not depend on the sequence length
 
 
@@ -188,6 +190,10 @@ class LlamaRunner(Runner):
         # a sliding window per layer: qwen2's attention has it per layer type, mistral's config for all
         every = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self.windows = [getattr(layer.self_attn, "sliding_window", every) for layer in inner.layers]
+        norms = [m for layer in inner.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        # transformers' RMSNorm is six ops and a module call; where it is exactly that, torch's fused op
+        self.fused_norm = all(type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon")
+                              for m in norms + [inner.norm])
         # decodes through one kernel call per layer where it runs (fp32 or bf16 on the CPU), else SDPA per chunk
         self.fast_decode = decode_attention.usable(self.dtype, self.device) and self.n_heads % self.n_kv == 0
 
@@ -216,12 +222,14 @@ class LlamaRunner(Runner):
             cos, sin = self.inner.rotary_emb(x[None].to(dt), pos[None].to(self.device))  # (1, N, D) each
             cos, sin = cos[0, :, None], sin[0, :, None]                                # (N, 1, D)
             for li, layer in enumerate(self.inner.layers):
-                x = x + self._attention(li, layer.self_attn, layer.input_layernorm(x).to(dt), cos, sin, plan)
-                x = x + layer.mlp(layer.post_attention_layernorm(x).to(dt))
+                h = self._norm(layer.input_layernorm, x).to(dt)
+                x = x + self._attention(li, layer.self_attn, h, cos, sin, plan)
+                x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x).to(dt))
             kept = [k if c.every else 1 for c, k in zip(chunks, counts)]              # rows the head sees
             rows = torch.cat([torch.arange(b - m, b) for b, m in zip(ends.tolist(), kept)])
             self._set_rows([c.slot for c in chunks], kept)
-            logits = self.head(self.inner.norm(x[rows.to(self.device)]).to(dt)).float()   # (sum(kept), vocab)
+            final = self._norm(self.inner.norm, x[rows.to(self.device)]).to(dt)
+            logits = self.head(final).float()                                           # (sum(kept), vocab)
         finally:
             if self.handle is not None:
                 self.handle.set_rows(None)
@@ -234,6 +242,13 @@ class LlamaRunner(Runner):
             if c.every:
                 c.logits = logits[b - m:b]
         return logits[last - 1]
+
+    def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
+        """norm(x), x the fp32 residual: `weight * x / rms(x)` as transformers' RMS_NORMS compute it,
+        in torch's one fused `rms_norm` (measured ~8% of a 16-row bf16 decode step), else the module."""
+        if not self.fused_norm:
+            return norm(x)
+        return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon)
 
     def _plan(self, chunks, counts, starts) -> dict:
         """Per window: (prompt chunks [(cache, rows a:b, positions p:end, first key s, mask, causal)],
