@@ -23,10 +23,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .decode_attention import raw
+from .decode_attention import DTYPES, raw
 
 MAX_ROWS = 64           # above this many rows per layer call, the grouped bmm path
-DTYPES = (torch.float32, torch.bfloat16)
 prange = range          # numba.prange once compiled
 _widen = None           # fp32 value, or bf16 bits -> fp32 (decode_attention's intrinsic)
 

@@ -20,7 +20,7 @@ from ..linear import replace_module
 from ..methods.base import AdapterLayer, adapter_dtype
 from ..targets import linear_names, resolve
 from . import lora_rows
-from .lora_ops import SlotWeights, lora_grouped, lora_reference, plan_rows
+from .lora_ops import SlotWeights, _finish, lora_grouped, lora_reference, plan_rows
 from .weights import AdapterWeights, LayerWeights, check_served, read_adapter
 
 
@@ -103,11 +103,9 @@ class BatchedLoraLinear(nn.Module):
         """DoRA rows of y + d become g * (y + d - b) + b (lora_ops' semantics), after the row kernel."""
         if not self._dora_slots:
             return out
-        rows = ((idx >= 0) & self.dora[idx.clamp(min=0)]).nonzero().squeeze(1)
-        if rows.numel():
-            b = 0 if bias is None else bias.float()
-            out[rows] = (self.g[idx[rows]].float() * (out[rows].float() - b) + b).to(out.dtype)
-        return out
+        k = idx.clamp(min=0)
+        done = _finish(out.float(), self.dora[k] & (idx >= 0), self.g[k].float(), bias)   # in fp32
+        return done if done.dtype == out.dtype else done.to(out.dtype)
 
     def check(self, w: LayerWeights) -> None:
         r = w.A.shape[0]
