@@ -18,15 +18,16 @@ class Family:
     plain_head: bool = False         # lm_head(hidden) is the whole head: no final soft-capping or scaling
     llama_forward: bool = False      # serve/forward.py's batched Llama decoder
     activation_census: bool = False  # plan/report.py's activation formula
+    swiglu_mlp: bool = False         # mlp = down(silu(gate(x)) * up(x)): methods/fused_mlp.py's fused LoRA block
 
 
-_LLAMA = Family("llama", plain_head=True, llama_forward=True, activation_census=True)
+_LLAMA = Family("llama", plain_head=True, llama_forward=True, activation_census=True, swiglu_mlp=True)
+_LLAMA_MLP = Family("llama", plain_head=True, swiglu_mlp=True)
 MODEL_TYPES: dict[str, Family] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
-    "qwen3": Family("llama", plain_head=True, activation_census=True),
-    "olmo": Family("llama", plain_head=True), "olmo2": Family("llama", plain_head=True),
-    "smollm3": Family("llama", plain_head=True),
-    "gemma": Family("llama"), "gemma2": Family("llama"), "granite": Family("llama"),
+    "qwen3": Family("llama", plain_head=True, activation_census=True, swiglu_mlp=True),
+    "olmo": _LLAMA_MLP, "olmo2": _LLAMA_MLP, "smollm3": _LLAMA_MLP,
+    "gemma": Family("llama"), "gemma2": Family("llama"), "granite": Family("llama", swiglu_mlp=True),
     "gpt2": Family("gpt2", plain_head=True),
     "bert": Family("bert"), "roberta": Family("bert"), "xlm-roberta": Family("bert"),
 }
@@ -69,6 +70,11 @@ def plain_head(config) -> bool:
 def llama_forward(config) -> bool:
     fam = family(config)
     return bool(fam and fam.llama_forward)
+
+
+def swiglu_mlp(config) -> bool:
+    fam = family(config)
+    return bool(fam and fam.swiglu_mlp)
 
 
 def activation_census(config) -> bool:

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import families
 from .linear import replace_module
+from .methods import fused_mlp
 from .methods import input as input_hooks
 from .methods import registry
 from .methods.base import AdapterLayer
@@ -144,6 +145,9 @@ def _inject_weights(model: nn.Module, method, config, name: str) -> tuple[list[s
             wrapper = ModulesToSave(wrapper)
             replace_module(model, module_name, wrapper)
         wrapper.add(name)
+    if families.swiglu_mlp(getattr(model, "config", None)):
+        for module in model.modules():          # gate/up/down under one adapter: one fused autograd block
+            fused_mlp.install(module)
     return targets, saved
 
 
