@@ -12,6 +12,7 @@ under torch.autocast(bfloat16). Its MFU is against the measured bf16 peak.
 
     .venv/bin/python bench/train_step.py                    # SmolLM2-135M, r=16, all-linear, batch 4x128, fp32
     .venv/bin/python bench/train_step.py --precision bf16   # the same in bf16
+    .venv/bin/python bench/train_step.py --runtime tuned    # both libraries under LORAKIT_RUNTIME=tuned's runtime
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def forward_overhead(body, data, bf16: bool, disabled, repeat: int = 4) -> float
 def worker(lib: str, args) -> dict:
     import torch
 
+    from lorakit import runtime
     from lorakit.training.memory import PeakMemory
 
     import lorakit as lk
@@ -122,7 +124,8 @@ def worker(lib: str, args) -> dict:
             "layers": config.num_hidden_layers, "hidden": config.hidden_size,
             "forward_overhead": overhead,
             "seconds_per_step": sum(timed) / len(timed), "tokens_per_s": tokens * len(timed) / sum(timed),
-            "peak_rss_mb": memory.peak() / 2**20, "threads": torch.get_num_threads()}
+            "peak_rss_mb": memory.peak() / 2**20, "threads": torch.get_num_threads(),
+            "runtime": runtime.loaded_libraries()}
 
 
 def main() -> None:
@@ -137,17 +140,23 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=2, help="fresh processes per library, alternating")
     p.add_argument("--release-memory", action="store_true", help="lorakit's opt-in glibc mmap threshold")
-    p.add_argument("--out", default=None, help="default bench/results/train_step[_bf16].json")
+    p.add_argument("--runtime", choices=["stock", "tuned"], default="stock",
+                   help="tuned: both workers under the runtime LORAKIT_RUNTIME=tuned sets up (Intel OpenMP, tcmalloc)")
+    p.add_argument("--out", default=None, help="default bench/results/train_step[_bf16][_tuned].json")
     p.add_argument("--worker", choices=["lorakit", "peft"])
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
+    from lorakit import runtime
+
+    env = dict(os.environ, TQDM_DISABLE="1")
+    env = runtime.tuned_environment(env) if args.runtime == "tuned" else env
     runs = {"peft": [], "lorakit": []}
     for _ in range(args.repeat):          # alternate the libraries so machine noise hits both alike
         for lib in runs:
             cmd = [sys.executable, __file__, "--worker", lib] + [a for a in sys.argv[1:]]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 sys.exit(f"{lib} worker failed:\n{out.stderr[-3000:]}")
             runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -160,7 +169,8 @@ def main() -> None:
         r["mfu"] = roofline.mfu(r["tokens_per_s"], flops, limits[f"{args.precision}_gflops"])
     lk, pf = results["lorakit"], results["peft"]
     ratios = {"tokens_per_s": lk["tokens_per_s"] / pf["tokens_per_s"], "peak_rss": lk["peak_rss_mb"] / pf["peak_rss_mb"]}
-    print(f"{args.model}, r={args.r}, all-linear, batch {args.batch}x{args.seq}, {args.precision}, {lk['threads']} threads")
+    print(f"{args.model}, r={args.r}, all-linear, batch {args.batch}x{args.seq}, {args.precision}, {lk['threads']} threads, "
+          f"{args.runtime} runtime ({', '.join(lk['runtime']) or 'GNU OpenMP, glibc malloc'})")
     print(f"{'':10}{'tokens/s':>10}{'s/step':>9}{'peak RSS MB':>13}{'first loss':>12}{'trainable':>12}")
     for r in (pf, lk):
         print(f"{r['lib']:10}{r['tokens_per_s']:>10.0f}{r['seconds_per_step']:>9.2f}{r['peak_rss_mb']:>13.0f}"
@@ -175,7 +185,8 @@ def main() -> None:
     print(f"MFU of the {args.precision} peak (PaLM/nanoGPT model FLOPs; frozen base: 4N + 6N_adapter + 12LHT per "
           "token): " + ", ".join(f"{r['lib']} {r['mfu']:.3f}" for r in (pf, lk)))
     print("losses: " + "; ".join(f"{r['lib']} " + " ".join(f"{x:.4f}" for x in r["losses"]) for r in (pf, lk)))
-    args.out = args.out or f"bench/results/train_step{'_bf16' if args.precision == 'bf16' else ''}.json"
+    suffix = ("_bf16" if args.precision == "bf16" else "") + ("_tuned" if args.runtime == "tuned" else "")
+    args.out = args.out or f"bench/results/train_step{suffix}.json"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "machine": limits, "results": results, "all_runs": runs,
                                           "ratios": ratios},

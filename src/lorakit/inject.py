@@ -146,9 +146,16 @@ def _inject_weights(model: nn.Module, method, config, name: str) -> tuple[list[s
             replace_module(model, module_name, wrapper)
         wrapper.add(name)
     if families.swiglu_mlp(getattr(model, "config", None)):
-        for module in model.modules():          # gate/up/down under one adapter: one fused autograd block
-            fused_mlp.install(module)
+        _install_fused_mlps(model)
     return targets, saved
+
+
+def _install_fused_mlps(model: nn.Module) -> None:
+    """Give every SwiGLU MLP (children by role: gate, up, down, and a SiLU) the fused LoRA block."""
+    for name, module in model.named_modules():
+        roles = {role(f"{name}.{child}" if name else child): child for child, _ in module.named_children()}
+        if all(r in roles for r in ("gate", "up", "down")):
+            fused_mlp.install(module, (roles["gate"], roles["up"], roles["down"]))
 
 
 def _find_parameters(model: nn.Module, config) -> dict[str, list[str]]:

@@ -36,6 +36,9 @@ def _run(model, x, on: bool, bf16: bool):
     model.zero_grad(set_to_none=True)
     with _fused(on), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         y = mlp(x)
+    fused = "_SwiGLULora" in type(y.grad_fn.next_functions[0][0] if y.grad_fn.name() == "ViewBackward0"
+                                  else y.grad_fn).__name__
+    assert fused == on, f"fused path {'not ' if on else ''}taken"
     (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     grads = {n: p.grad.clone() for n, p in mlp.named_parameters() if p.requires_grad}
     return y.detach(), x.grad, grads
@@ -112,3 +115,20 @@ def test_not_installed_where_the_family_is_not_known_to_have_it():
     model = tiny_model("gpt2")
     lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear"))
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_install_takes_only_the_exact_swiglu_shape():
+    from torch import nn
+
+    class MLP(nn.Module):
+        def __init__(self, act, extra=False):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+            self.act_fn = act
+            if extra:
+                self.norm = nn.LayerNorm(8)      # something the fused block would skip
+
+    names = ("gate_proj", "up_proj", "down_proj")
+    assert fused_mlp.install(MLP(nn.SiLU()), names)
+    assert not fused_mlp.install(MLP(nn.GELU()), names)
+    assert not fused_mlp.install(MLP(nn.SiLU(), extra=True), names)

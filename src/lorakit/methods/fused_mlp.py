@@ -31,7 +31,6 @@ from .base import AdapterLayer
 from .lora import LoraAdapter
 
 enabled = True          # tests and benchmarks turn it off to measure the unfused graph
-_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 def _silu_types() -> tuple:
@@ -40,11 +39,14 @@ def _silu_types() -> tuple:
     return nn.SiLU, SiLUActivation
 
 
-def install(mlp: nn.Module) -> bool:
-    """Route `mlp`'s forward through `forward` below when its shape allows; True if installed."""
-    if not (all(isinstance(getattr(mlp, p, None), nn.Module) for p in _PROJ)
-            and type(getattr(mlp, "act_fn", None)) in _silu_types()):
+def install(mlp: nn.Module, projections: tuple[str, str, str]) -> bool:
+    """Route `mlp`'s forward through `forward` below, if its children are exactly the (gate, up,
+    down) projections named (inject reads the roles) and one SiLU; True if installed."""
+    children = dict(mlp.named_children())
+    acts = [n for n, m in children.items() if type(m) in _silu_types()]
+    if len(acts) != 1 or set(children) != {*projections, acts[0]}:
         return False
+    mlp._lorakit_swiglu = (*projections, acts[0])
     if "forward" not in mlp.__dict__:
         mlp.forward = types.MethodType(forward, mlp)
     return True
@@ -66,7 +68,8 @@ def _plan(mlp: nn.Module, x: torch.Tensor):
     what the module would; None otherwise."""
     if not enabled:
         return None
-    layers = [getattr(mlp, p) for p in _PROJ]
+    *names, act = mlp._lorakit_swiglu
+    layers = [getattr(mlp, n) for n in names]
     if not all(type(layer) is AdapterLayer for layer in layers):
         return None
     active = layers[0].active
@@ -79,7 +82,7 @@ def _plan(mlp: nn.Module, x: torch.Tensor):
     if not all(type(b) is nn.Linear and b.bias is None for b in bases):
         return None
     hooked = [m for layer in layers for m in (layer, layer.base_layer, *layer.adapters.values())]
-    if any(m._forward_hooks or m._forward_pre_hooks for m in hooked + [mlp.act_fn]):
+    if any(m._forward_hooks or m._forward_pre_hooks for m in hooked + [getattr(mlp, act)]):
         return None
     device = x.device.type
     c = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
