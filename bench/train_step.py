@@ -89,8 +89,11 @@ def worker(lib: str, args) -> dict:
 
         lk.inject(model, lk.LoraConfig(r=args.r, alpha=2 * args.r, targets="all-linear"))
 
+        from lorakit.training.attention import fp32_backward
+
         def step_loss():
-            s, n = loss_sum(model, data)
+            with fp32_backward() if bf16 else nullcontext():   # what the Trainer does under bf16
+                s, n = loss_sum(model, data)
             return s / n
     else:
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear",

@@ -34,8 +34,10 @@ enabled = True          # tests and benchmarks turn it off to measure the unfuse
 
 
 def _silu_types() -> tuple:
-    from transformers.activations import SiLUActivation       # transformers' own: F.silu
-
+    try:
+        from transformers.activations import SiLUActivation   # transformers' own (5.x): F.silu
+    except ImportError:                                          # older releases use nn.SiLU itself
+        return (nn.SiLU,)
     return nn.SiLU, SiLUActivation
 
 

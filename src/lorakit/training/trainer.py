@@ -25,7 +25,7 @@ from .. import families
 from ..atomic import write_text
 from ..config import doc as _doc
 from ..inject import disabled
-from . import checkpoint, distributed, fsdp
+from . import attention, checkpoint, distributed, fsdp
 from .data import IGNORE, Dataset, collate, collate_packed, pack
 from .rows import FORMATS, parse_columns
 from ..optim import AdamW8bit
@@ -280,6 +280,7 @@ class Trainer:
         total_loss = torch.zeros(())
         autocast = torch.autocast("cuda" if self._device().type == "cuda" else "cpu", dtype=torch.bfloat16) \
             if cfg.bf16 else nullcontext()
+        fast_attention = attention.fp32_backward if cfg.bf16 and self._device().type == "cpu" else nullcontext
         scale = fsdp.loss_scale() if self.sharded else 1      # FSDP averages over ranks; we want the sum
         for rows in batches:
             mine, weight = rows[self.rank::self.world], scale
@@ -291,7 +292,7 @@ class Trainer:
             if n_probe:
                 batch["kl_mask"] = kl_mask(mine, batch["labels"].shape[1], cfg.kl_stride)
             batch = {k: v.to(self._device()) for k, v in batch.items()}
-            with autocast:
+            with autocast, fast_attention():
                 if n_probe:
                     loss, kl = loss_and_kl_sum(model, batch)
                 else:
