@@ -225,3 +225,15 @@ def test_full_fine_tuning_refuses_adapter_options_and_the_kl_guard(tmp_path, car
         split_kwargs({"method": "full", "r": 8})
     with pytest.raises(ValueError, match="kl_base needs a frozen base"):
         split_kwargs({"method": "full", "kl_base": 1.0})
+
+
+def test_bf16_with_gradient_checkpointing_trains_as_without(tmp_path, carrier, monkeypatch):
+    """Under bf16 the Trainer's attention runs its backward in fp32 where measured faster
+    (training/attention.py); a checkpointed block recomputes its forward without that mode, so
+    the two must not meet: the same adapter either way."""
+    from lorakit.training import attention
+
+    monkeypatch.setattr(attention, "_faster_in_fp32", lambda *a: True)
+    _, plain = _run(tmp_path, carrier, "plain", steps=3, bf16=True)
+    _, ckpt = _run(tmp_path, carrier, "ckpt", steps=3, bf16=True, grad_checkpointing=True)
+    assert _max_diff(plain, ckpt) <= 2e-3

@@ -280,7 +280,9 @@ class Trainer:
         total_loss = torch.zeros(())
         autocast = torch.autocast("cuda" if self._device().type == "cuda" else "cpu", dtype=torch.bfloat16) \
             if cfg.bf16 else nullcontext()
-        fast_attention = attention.fp32_backward if cfg.bf16 and self._device().type == "cpu" else nullcontext
+        # a checkpointed block recomputes its forward outside this mode, and must save what it saved then
+        fast_attention = attention.fp32_backward if cfg.bf16 and self._device().type == "cpu" \
+            and not cfg.grad_checkpointing else nullcontext
         scale = fsdp.loss_scale() if self.sharded else 1      # FSDP averages over ranks; we want the sum
         for rows in batches:
             mine, weight = rows[self.rank::self.world], scale
