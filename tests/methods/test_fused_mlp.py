@@ -132,3 +132,26 @@ def test_install_takes_only_the_exact_swiglu_shape():
     assert fused_mlp.install(MLP(nn.SiLU()), names)
     assert not fused_mlp.install(MLP(nn.GELU()), names)
     assert not fused_mlp.install(MLP(nn.SiLU(), extra=True), names)
+
+
+def test_a_trainable_base_weight_or_a_backward_hook_takes_the_unfused_path():
+    x = torch.randn(1, 3, 32)
+    model = _model()
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj.base_layer.weight.requires_grad_(True)
+    assert fused_mlp._plan(mlp, x) is None
+    model = _model()
+    mlp = model.model.layers[0].mlp
+    handle = mlp.up_proj.register_full_backward_hook(lambda *a: None)
+    assert fused_mlp._plan(mlp, x) is None
+    handle.remove()
+    assert fused_mlp._plan(mlp, x) is not None
+
+
+def test_it_survives_pickling(tmp_path):
+    model = _model()
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    lk.inject(loaded, lk.LoraConfig(r=2, alpha=4, targets="all-linear"), name="again")
+    mlp = loaded.model.layers[0].mlp
+    assert mlp.forward.__func__ is fused_mlp.forward

@@ -92,3 +92,42 @@ def test_the_choice_is_measured_once_per_shape_bucket(monkeypatch):
     assert len(calls) == 2
     attention._faster_in_fp32((1, 2, 70, 16), False, True)
     assert len(calls) == 4
+
+
+def test_keyword_arguments_and_grouped_query_heads(always_fp32):
+    q, k, v = _qkv()
+    k4, v4 = (t.detach()[:, :1].clone().requires_grad_(True) for t in (k, v))   # 1 kv head for 3 query heads
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with attention.fp32_backward():
+            out = F.scaled_dot_product_attention(query=q, key=k4, value=v4, is_causal=True, enable_gqa=True)
+        ref = F.scaled_dot_product_attention(q, k4, v4, is_causal=True, enable_gqa=True)
+    assert "_FlashFp32Backward" in type(out.grad_fn).__name__ or any(
+        "_FlashFp32Backward" in type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.float().sum().backward()
+    assert k4.grad.shape == k4.shape and torch.isfinite(k4.grad).all()
+
+
+def test_a_float_mask_reads_the_same_in_backward_as_in_forward(always_fp32):
+    """An additive mask that is not 0/-inf (a position bias) is rounded to bf16 for the forward;
+    backward must see the same mask, or the saved log-sum-exp no longer matches."""
+    qkv = _qkv()
+    mask = torch.randn(2, 1, 20, 20, generator=torch.Generator().manual_seed(3)) * 8
+    out0, g0, _ = _attend(qkv, False, attn_mask=mask)
+    out1, g1, _ = _attend(qkv, True, attn_mask=mask)
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    ref = [t.detach().to(torch.bfloat16).double().requires_grad_(True) for t in qkv]
+    F.scaled_dot_product_attention(*ref, attn_mask=mask.to(torch.bfloat16).double()) \
+        .mul(torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+    for a, b, r in zip(g1, g0, ref):
+        err = lambda g: ((g.double() - r.grad).norm() / r.grad.norm()).item()   # noqa: E731
+        assert err(a) <= err(b) + 1e-3, (err(a), err(b))
+
+
+def test_measuring_leaves_the_run_random_stream_alone(monkeypatch):
+    monkeypatch.setattr(attention, "_choice", {})
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    attention._faster_in_fp32((1, 2, 16, 8), False, True)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)

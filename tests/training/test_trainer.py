@@ -237,3 +237,15 @@ def test_bf16_with_gradient_checkpointing_trains_as_without(tmp_path, carrier, m
     _, plain = _run(tmp_path, carrier, "plain", steps=3, bf16=True)
     _, ckpt = _run(tmp_path, carrier, "ckpt", steps=3, bf16=True, grad_checkpointing=True)
     assert _max_diff(plain, ckpt) <= 2e-3
+
+
+def test_bf16_on_a_model_checkpointed_by_the_user(tmp_path, carrier, monkeypatch):
+    from lorakit.training import attention
+
+    monkeypatch.setattr(attention, "_faster_in_fp32", lambda *a: True)
+    cfg = TrainConfig(data=str(carrier["train"]), out=str(tmp_path / "run"), batch_size=4, steps=2, bf16=True,
+                      progress=False)
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    summary = train_model(model, tiny_tokenizer(), cfg, LoraConfig(r=4, alpha=8, targets="all-linear"))
+    assert summary["steps"] == 2

@@ -49,7 +49,7 @@ def install(mlp: nn.Module, projections: tuple[str, str, str]) -> bool:
     if len(acts) != 1 or set(children) != {*projections, acts[0]}:
         return False
     mlp._lorakit_swiglu = (*projections, acts[0])
-    if "forward" not in mlp.__dict__:
+    if getattr(mlp.__dict__.get("forward"), "__func__", None) is not forward:   # e.g. lost to pickling
         mlp.forward = types.MethodType(forward, mlp)
     return True
 
@@ -81,10 +81,10 @@ def _plan(mlp: nn.Module, x: torch.Tensor):
     if not all(type(a) is LoraAdapter and isinstance(a.dropout, nn.Identity) for a in adapters):
         return None
     bases = [layer.base_layer for layer in layers]
-    if not all(type(b) is nn.Linear and b.bias is None for b in bases):
-        return None
-    hooked = [m for layer in layers for m in (layer, layer.base_layer, *layer.adapters.values())]
-    if any(m._forward_hooks or m._forward_pre_hooks for m in hooked + [getattr(mlp, act)]):
+    if not all(type(b) is nn.Linear and b.bias is None and not b.weight.requires_grad for b in bases):
+        return None                                 # a trainable base weight needs its own grad: unfused
+    if _hooked([m for layer in layers for m in (layer, layer.base_layer, *layer.adapters.values())]
+               + [getattr(mlp, act)]):
         return None
     device = x.device.type
     c = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
@@ -95,6 +95,17 @@ def _plan(mlp: nn.Module, x: torch.Tensor):
         return None
     return ([b.weight for b in bases], [a.A for a in adapters], [a.B for a in adapters],
             tuple(a.scale for a in adapters), c)
+
+
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Any hook the fused block would skip: forward or backward, on these modules or global."""
+    from torch.nn.modules import module as m
+
+    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks \
+            or m._global_backward_pre_hooks:
+        return True
+    return any(x._forward_hooks or x._forward_pre_hooks or x._backward_hooks or x._backward_pre_hooks
+               for x in modules)
 
 
 def _block(x, wg, wu, wd, a_gu, ad, bg, bu, bd, scales, r_g, c):

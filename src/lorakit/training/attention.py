@@ -13,8 +13,11 @@ transformers' own "sdpa" attention makes).
 
 Which backward runs is measured, once per (batch, heads, length bucket, head dim), on random data
 of that shape, and said in the log; where bf16 is the faster (long sequences, or a CPU whose bf16
-kernels are fast) the call goes through untouched. It does not apply with dropout, GQA handed to
-the kernel (`enable_gqa`), or where torch would not pick the flash kernel itself.
+kernels are fast) the call goes through untouched. Grouped-query heads handed to the kernel
+(`enable_gqa`) are repeated first, as transformers does when it passes a mask. The measurement's
+data comes from its own generator, not the run's random stream. It does not apply with dropout,
+or where torch would not pick the flash kernel itself; a checkpointed model recomputes its forward
+outside the mode, so the Trainer does not use it there.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ class _FlashFp32Backward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, scale):
         qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))                  # what autocast would pass
-        out, lse = _FLASH(qb, kb, vb, 0.0, is_causal, attn_mask=_additive(mask, torch.bfloat16), scale=scale)
+        mask = _additive(mask, torch.bfloat16)
+        out, lse = _FLASH(qb, kb, vb, 0.0, is_causal, attn_mask=mask, scale=scale)
         ctx.save_for_backward(qb, kb, vb, out, lse, mask)
         ctx.is_causal, ctx.scale, ctx.dtypes = is_causal, scale, (q.dtype, k.dtype, v.dtype)
         return out
@@ -55,18 +59,19 @@ class _FlashFp32Backward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         qb, kb, vb, out, lse, mask = ctx.saved_tensors
+        mask = None if mask is None else mask.float()          # the mask forward used, as rounded there
         grads = _FLASH_BACKWARD(grad.float().contiguous(), qb.float(), kb.float(), vb.float(), out.float(), lse, 0.0,
-                                ctx.is_causal, attn_mask=_additive(mask, torch.float32), scale=ctx.scale)
+                                ctx.is_causal, attn_mask=mask, scale=ctx.scale)
         return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None, None, None)
 
 
 def _faster_in_fp32(shape: tuple[int, int, int, int], has_mask: bool, is_causal: bool) -> bool:
     """Measured: is the fp32 backward faster than the bf16 one at `shape` (B, H, T, D)?"""
     B, H, T, D = shape
-    key = (B, H, -(-T // BUCKET), D, has_mask, is_causal)
+    key = (B, H, -(-T // BUCKET), D, has_mask, is_causal, torch.get_num_threads())
     if key not in _choice:
         t = -(-T // BUCKET) * BUCKET
-        q = torch.randn(B, H, t, D, dtype=torch.bfloat16)
+        q = torch.randn(B, H, t, D, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))  # not the run's RNG
         mask = torch.zeros(B, 1, t, t, dtype=torch.bfloat16) if has_mask else None
         out, lse = _FLASH(q, q, q, 0.0, is_causal, attn_mask=mask, scale=None)
         q32, o32, m32 = q.float(), out.float(), None if mask is None else mask.float()
@@ -80,12 +85,27 @@ def _faster_in_fp32(shape: tuple[int, int, int, int], has_mask: bool, is_causal:
     return _choice[key]
 
 
-def _applies(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> bool:
-    if enable_gqa or dropout_p or q.device.type != "cpu" or q.dim() != 4 or not torch.is_grad_enabled():
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _arguments(args: tuple, kwargs: dict) -> dict | None:
+    """F.sdpa's arguments by name (None: something this mode does not know, left to sdpa itself)."""
+    if len(args) > len(_SDPA_ARGS) or any(k not in _SDPA_ARGS for k in kwargs):
+        return None
+    bound = dict(zip(_SDPA_ARGS, args), **kwargs)
+    return bound if all(n in bound for n in _SDPA_ARGS[:3]) else None
+
+
+def _applies(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> bool:
+    q = query
+    if dropout_p or q.device.type != "cpu" or q.dim() != 4 or not torch.is_grad_enabled():
         return False
     if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return False
-    if not any(t.requires_grad for t in (q, k, v)) or k.shape != q.shape or v.shape != q.shape:
+    heads, kv_heads = q.shape[1], key.shape[1]
+    if key.shape != value.shape or (kv_heads != heads and not (enable_gqa and heads % kv_heads == 0)):
+        return False
+    if not any(t.requires_grad for t in (q, key, value)) or key.shape[2:] != q.shape[2:]:
         return False
     qb = q.to(torch.bfloat16)
     choice = torch._fused_sdp_choice(qb, qb, qb, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale)
@@ -98,8 +118,12 @@ class fp32_backward(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and _applies(*args, **kwargs):
-            full = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), args[3:]), **kwargs)
-            return _FlashFp32Backward.apply(*args[:3], full.get("attn_mask"), bool(full.get("is_causal", False)),
-                                            full.get("scale"))
+        if func is F.scaled_dot_product_attention:
+            a = _arguments(args, kwargs)
+            if a is not None and _applies(**a):
+                q, k, v = a["query"], a["key"], a["value"]
+                if k.shape[1] != q.shape[1]:          # grouped-query heads: each kv head serves H / KV query heads
+                    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+                return _FlashFp32Backward.apply(q, k, v, a.get("attn_mask"), bool(a.get("is_causal", False)),
+                                                a.get("scale"))
         return func(*args, **kwargs)

@@ -281,8 +281,10 @@ class Trainer:
         autocast = torch.autocast("cuda" if self._device().type == "cuda" else "cpu", dtype=torch.bfloat16) \
             if cfg.bf16 else nullcontext()
         # a checkpointed block recomputes its forward outside this mode, and must save what it saved then
+        checkpointed = cfg.grad_checkpointing or any(getattr(m, "gradient_checkpointing", False)
+                                                     for m in model.modules())
         fast_attention = attention.fp32_backward if cfg.bf16 and self._device().type == "cpu" \
-            and not cfg.grad_checkpointing else nullcontext
+            and not checkpointed else nullcontext
         scale = fsdp.loss_scale() if self.sharded else 1      # FSDP averages over ranks; we want the sum
         for rows in batches:
             mine, weight = rows[self.rank::self.world], scale
