@@ -280,11 +280,7 @@ class Trainer:
         total_loss = torch.zeros(())
         autocast = torch.autocast("cuda" if self._device().type == "cuda" else "cpu", dtype=torch.bfloat16) \
             if cfg.bf16 else nullcontext()
-        # a checkpointed block recomputes its forward outside this mode, and must save what it saved then
-        checkpointed = cfg.grad_checkpointing or any(getattr(m, "gradient_checkpointing", False)
-                                                     for m in model.modules())
-        fast_attention = attention.fp32_backward if cfg.bf16 and self._device().type == "cpu" \
-            and not checkpointed else nullcontext
+        fast_attention = self._attention_mode()
         scale = fsdp.loss_scale() if self.sharded else 1      # FSDP averages over ranks; we want the sum
         for rows in batches:
             mine, weight = rows[self.rank::self.world], scale
@@ -330,6 +326,14 @@ class Trainer:
         if n_probe:
             row["kl_base"] = total_kl.item() / n_probe
         return row
+
+    def _attention_mode(self):
+        """bf16 on CPU: attention's backward in fp32 where faster (attention.py). Not on a checkpointed
+        model: a checkpointed block recomputes its forward outside the mode, and must save what it saved."""
+        checkpointed = self.cfg.grad_checkpointing or any(getattr(m, "gradient_checkpointing", False)
+                                                          for m in self.model.modules())
+        cpu = self._device().type == "cpu"
+        return attention.fp32_backward if self.cfg.bf16 and cpu and not checkpointed else nullcontext
 
     def _device(self) -> torch.device:
         return next(iter(self.params.values())).device
