@@ -16,8 +16,9 @@ of memory per layer. The two shrinks that read x run as one matmul over the stac
 Unsloth's `LoRA_MLP` is the same idea on GPUs; this is the CPU one, in plain torch ops.
 
 What it does not take (the module's own forward runs instead): dropout, DoRA, biases, a
-quantized or non-Linear base, several active or any merged adapters, hooks on the projections,
-dtypes other than fp32 adapters over a base in c or fp32.
+quantized, non-Linear or trainable base, several active or any merged adapters, forward or
+backward hooks (on the projections or global), dtypes other than fp32 adapters over a base in c
+or fp32 (so not FSDP's bf16 mixed precision, which gathers adapters in bf16).
 """
 from __future__ import annotations
 
