@@ -27,6 +27,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from .base import AdapterLayer
 from .lora import LoraAdapter
@@ -100,8 +101,7 @@ def _plan(mlp: nn.Module, x: torch.Tensor):
 
 def _hooked(modules: list[nn.Module]) -> bool:
     """Any hook the fused block would skip: forward or backward, on these modules or global."""
-    from torch.nn.modules import module as m
-
+    m = _module
     if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks \
             or m._global_backward_pre_hooks:
         return True

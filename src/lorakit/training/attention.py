@@ -34,7 +34,7 @@ log = logging.getLogger("lorakit")
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 BUCKET = 64                     # sequence lengths measured together: 1-64, 65-128, ...
-_choice: dict[tuple, bool] = {}  # (B, H, T bucket, D) -> fp32 backward is faster
+_choice: dict[tuple, bool] = {}  # (B, H, T bucket, D, mask?, causal?, threads) -> fp32 backward is faster
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -107,8 +107,8 @@ def _applies(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
         return False
     if not any(t.requires_grad for t in (q, key, value)) or key.shape[2:] != q.shape[2:]:
         return False
-    qb = q.to(torch.bfloat16)
-    choice = torch._fused_sdp_choice(qb, qb, qb, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale)
+    # the CPU kernel choice reads shapes, strides and the mask, not fp32 vs bf16: no cast needed to ask
+    choice = torch._fused_sdp_choice(q, q, q, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale)
     return choice == SDPBackend.FLASH_ATTENTION.value and _faster_in_fp32(tuple(q.shape), attn_mask is not None,
                                                                           bool(is_causal))
 
